@@ -1,0 +1,105 @@
+"""Command line: `python -m nextstep_core generate --prompt "..." --out out.png`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import NextStepError
+
+DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m nextstep_core", description="NextStep-1 / 1.1 image generation")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="text-to-image, or editing with --image")
+    gen.add_argument("--prompt", required=True, help="caption; for editing it holds one <image> marker")
+    gen.add_argument("--out", required=True, help="output PNG; several images become out_0.png, out_1.png, ...")
+    gen.add_argument("--model", help="model folder (default: the embedded demo model)")
+    gen.add_argument("--vae", help="image tokenizer folder (1.0: NextStep-1-f8ch16-Tokenizer; 1.1 has vae/ inside)")
+    gen.add_argument("--version", default="auto", choices=["auto", "1.0", "1.1"], help="override version detection")
+    gen.add_argument("--negative", help="negative prompt (default empty)")
+    gen.add_argument("--positive", help="text appended to the caption after a space")
+    gen.add_argument("--width", type=int, help="pixels, a multiple of 16 (default 256, or the input image's)")
+    gen.add_argument("--height", type=int, help="pixels, a multiple of 16 (default 256, or the input image's)")
+    gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--cfg", type=float, help="text guidance scale (default: the version's, 7.5)")
+    gen.add_argument("--cfg-img", type=float, help="image guidance scale for editing (default 2.0)")
+    gen.add_argument("--cfg-schedule", default="constant", choices=["constant", "linear"])
+    gen.add_argument("--steps", type=int, help="head evaluations per token (default: 50 for 1.0, 28 for 1.1)")
+    gen.add_argument("--shift", type=float, help="time shift (default: 1.0; 3.2 for 1.0 editing)")
+    gen.add_argument("--sampler", default="auto", choices=["auto", "euler_maruyama", "sde", "cps", "ode"])
+    gen.add_argument("--noise-level", type=float, default=0.8, help="for the sde and cps samplers")
+    gen.add_argument("--use-norm", action=argparse.BooleanOptionalAction, default=None,
+                     help="layer-normalise each token (default: on for 1.0, off for 1.1)")
+    gen.add_argument("--velocity-norm", action="store_true", help="clamp the guided velocity's norm (1.1 option)")
+    gen.add_argument("--image", help="input image for editing")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def output_paths(out: str, count: int) -> list[Path]:
+    path = Path(out)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}_{i}{path.suffix or '.png'}") for i in range(count)]
+
+
+def run_generate(args) -> list[Path]:
+    from PIL import Image
+
+    from .pipeline import NextStepPipeline
+
+    model = args.model
+    if model is None:
+        if not (DEMO_MODEL / "config.json").is_file():
+            raise NextStepError("no --model given and the embedded demo model is not shipped yet: pass --model DIR")
+        model = DEMO_MODEL
+    image = None
+    if args.image:
+        if not Path(args.image).is_file():
+            raise NextStepError(f"input image {args.image} does not exist")
+        image = Image.open(args.image).convert("RGB")
+    width, height = args.width, args.height
+    if image is None:
+        width, height = width or 256, height or 256
+
+    started = time.perf_counter()
+    pipe = NextStepPipeline.from_folder(model, args.vae, version=args.version, dtype=args.dtype, device=args.device)
+    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    log(f"loaded {model} as NextStep-{pipe.version.name} ({'; '.join(pipe.version_reasons)}) "
+        f"in {time.perf_counter() - started:.1f}s")
+
+    def progress(done: int, total: int, tokens) -> None:
+        if not args.quiet and (done == total or done % max(1, total // 20) == 0):
+            print(f"\rtoken {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+    result = pipe.generate(
+        args.prompt, width=width, height=height, negative=args.negative, positive=args.positive,
+        num_images=args.num_images, cfg=args.cfg, cfg_img=args.cfg_img, cfg_schedule=args.cfg_schedule,
+        sampler=args.sampler, steps=args.steps, shift=args.shift, noise_level=args.noise_level,
+        use_norm=args.use_norm, velocity_norm=args.velocity_norm, image=image, seed=args.seed, callback=progress,
+    )
+    paths = output_paths(args.out, len(result.images))
+    for path, picture in zip(paths, result.to_pil()):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        picture.save(path)
+        log(f"wrote {path}")
+    log(f"done in {time.perf_counter() - started:.1f}s")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run_generate(args)
+    except NextStepError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

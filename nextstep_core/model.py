@@ -1,0 +1,196 @@
+"""NextStepModel: a transformers Qwen2 decoder plus the image projectors and the flow head.
+
+Released tensor names carry no `model.` prefix: the decoder's are `embed_tokens.*`,
+`layers.*`, `norm.*` (they live under `backbone.` here), the rest are `lm_head.weight`,
+`image_in_projector.*`, `image_out_projector.*`, `image_head.net.*` and, in 1.0 checkpoints,
+the buffer `gen_pos_embed` (1, 32*32, hidden).
+
+Image tokens: one 2x2 patch of the 16-channel latent is one token of 64 numbers, channel-major
+inside the patch (c, p, q), tokens in raster order over the token grid (rows, cols).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from torch import nn
+from transformers import Qwen2Config, Qwen2Model
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+from .checkpoint import ModelFiles, NextStepConfig
+from .errors import NextStepError
+from .head import FlowHead
+
+DECODER_PREFIXES = ("embed_tokens.", "layers.", "norm.")
+
+
+def patchify(latent: torch.Tensor, patch: int = 2) -> torch.Tensor:
+    """(B, C, H, W) latent -> (B, H/p * W/p, C*p*p) tokens, raster order, (c, p, q) inside a token."""
+    b, c, h, w = latent.shape
+    x = latent.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)
+
+
+def unpatchify(tokens: torch.Tensor, token_grid: tuple[int, int], patch: int = 2) -> torch.Tensor:
+    """(B, rows*cols, C*p*p) tokens -> (B, C, rows*p, cols*p) latent; the inverse of patchify."""
+    rows, cols = token_grid
+    b, n, d = tokens.shape
+    if n != rows * cols:
+        raise ValueError(f"{n} tokens do not fill a {rows}x{cols} token grid")
+    c = d // (patch * patch)
+    x = tokens.reshape(b, rows, cols, c, patch, patch)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(b, c, rows * patch, cols * patch)
+
+
+def qwen2_config(config: NextStepConfig) -> Qwen2Config:
+    """The transformers config of the decoder part (SDPA attention)."""
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling:
+        rope = {**config.rope_scaling, "rope_theta": config.rope_theta}
+        rope.setdefault("rope_type", rope.pop("type", "default"))
+    qwen = Qwen2Config(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_parameters=rope,
+        tie_word_embeddings=config.tie_word_embeddings,
+        use_sliding_window=False,
+    )
+    qwen._attn_implementation = "sdpa"
+    return qwen
+
+
+class NextStepModel(nn.Module):
+    """Decoder + projectors + flow head.
+
+    Shapes: hidden states (rows, L, hidden); image tokens (rows, token_dim = 64);
+    head conditions (rows, hidden).
+    """
+
+    def __init__(self, config: NextStepConfig, head_dim: int = 1536, head_layers: int = 12, lm_head: bool = True,
+                 position_table: bool | None = None):
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        self.backbone = Qwen2Model(qwen2_config(config))
+        self.lm_head = nn.Linear(hidden, config.vocab_size, bias=False) if lm_head else None
+        self.image_in_projector = nn.Linear(config.token_dim, hidden)
+        self.image_out_projector = nn.Linear(hidden, hidden)
+        self.image_head = FlowHead(config.token_dim, hidden, head_dim, head_layers)
+        # 1.0 checkpoints carry the (1, 32*32, hidden) table even where the config turns it off.
+        if config.use_gen_pos_embed if position_table is None else position_table:
+            self.register_buffer("gen_pos_embed", torch.zeros(1, 32 * 32, hidden))
+        else:
+            self.gen_pos_embed = None
+
+    @property
+    def max_image_tokens(self) -> int | None:
+        """Tokens the 1.0 position table covers (32*32) when it is used, else None."""
+        return self.gen_pos_embed.shape[1] if self.config.use_gen_pos_embed else None
+
+    def head_condition(self, hidden: torch.Tensor, token_index: int) -> torch.Tensor:
+        """(rows, hidden) last hidden state -> (rows, hidden) head condition for token k."""
+        if self.config.use_gen_pos_embed:
+            hidden = hidden + self.gen_pos_embed[0, token_index]
+        return self.image_out_projector(hidden)
+
+
+def checkpoint_name_to_module_name(name: str) -> str:
+    if name.startswith("model."):
+        name = name[len("model."):]
+    return "backbone." + name if name.startswith(DECODER_PREFIXES) else name
+
+
+def head_size_from_shapes(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]:
+    """(dim, layers) of the flow head, read from the checkpoint's tensor shapes."""
+    key = "image_head.net.input_proj.weight"
+    if key not in shapes:
+        raise NextStepError("the weights have no flow head (image_head.net.*); is this a NextStep checkpoint?")
+    blocks = {n.split(".")[3] for n in shapes if n.startswith("image_head.net.res_blocks.")}
+    return shapes[key][0], len(blocks)
+
+
+def build_empty_model(files: ModelFiles) -> NextStepModel:
+    """The model on the meta device, shaped after the checkpoint; no memory is used yet."""
+    config = files.config
+    head_dim, head_layers = head_size_from_shapes(files.tensor_shapes)
+    in_shape = files.tensor_shapes.get("image_in_projector.weight")
+    if in_shape is not None and in_shape[1] != config.token_dim:
+        raise NextStepError(
+            f"image_in_projector takes {in_shape[1]} numbers per token but config.json says "
+            f"latent_channels {config.latent_channels} x patch {config.latent_patch_size}^2 = {config.token_dim}"
+        )
+    has_lm_head = "lm_head.weight" in files.tensor_shapes or config.tie_word_embeddings
+    with init_empty_weights(include_buffers=True):
+        return NextStepModel(config, head_dim, head_layers, lm_head=has_lm_head,
+                             position_table="gen_pos_embed" in files.tensor_shapes or config.use_gen_pos_embed)
+
+
+def load_model(files: ModelFiles, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> NextStepModel:
+    """Build the model empty, then stream every tensor from the safetensors files into place.
+
+    Each tensor is read from the memory-mapped file, cast to `dtype` and assigned; no full
+    state dict is held. Every checkpoint tensor must land on a model tensor and vice versa.
+    """
+    model = build_empty_model(files)
+    targets = dict(model.named_parameters())
+    targets.update(dict(model.named_buffers()))
+    expected = {n for n in targets if "rotary_emb" not in n}
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for path in files.weight_files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                module_name = checkpoint_name_to_module_name(name)
+                if module_name not in expected:
+                    unexpected.append(name)
+                    continue
+                assign_tensor(model, module_name, f.get_tensor(name), targets[module_name], dtype, device, path)
+                loaded.add(module_name)
+    if model.lm_head is not None and "lm_head.weight" not in loaded and model.config.tie_word_embeddings:
+        model.lm_head.weight = model.backbone.embed_tokens.weight
+        loaded.add("lm_head.weight")
+    missing = sorted(expected - loaded)
+    if missing or unexpected:
+        raise NextStepError(describe_mismatch(files.folder, missing, unexpected))
+    rebuild_rotary(model, device)
+    return model.eval()
+
+
+def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor, target: torch.Tensor,
+                  dtype: torch.dtype, device, path: Path) -> None:
+    if tuple(tensor.shape) != tuple(target.shape):
+        raise NextStepError(
+            f"tensor {name} in {path.name} has shape {tuple(tensor.shape)}, the config needs {tuple(target.shape)}; "
+            "does config.json belong to these weights?"
+        )
+    module_path, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_path) if module_path else model
+    value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+    if isinstance(target, nn.Parameter):
+        setattr(module, attr, nn.Parameter(value, requires_grad=False))
+    else:
+        module._buffers[attr] = value
+
+
+def rebuild_rotary(model: NextStepModel, device) -> None:
+    """The rotary tables are computed, not stored: make them on the real device (float32)."""
+    rotary = Qwen2RotaryEmbedding(config=model.backbone.config, device=device)
+    model.backbone.rotary_emb = rotary
+
+
+def describe_mismatch(folder: Path, missing: list[str], unexpected: list[str]) -> str:
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) the config needs are missing from the weights ({', '.join(missing[:4])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} tensor(s) in the weights match nothing in the model ({', '.join(unexpected[:4])})")
+    return f"model folder {folder}: " + "; ".join(parts) + ". Do config.json and the safetensors files belong together?"

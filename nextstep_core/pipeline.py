@@ -1,0 +1,325 @@
+"""generate(): prompt rows -> prefill -> KV-cached token loop -> latent grid -> pixels.
+
+    pipe = NextStepPipeline.from_folder("models/nextstep/NextStep-1.1", dtype="bfloat16", device="cuda")
+    result = pipe.generate("a red circle", width=256, height=256, seed=1)
+    result.to_pil()[0].save("out.png")
+
+Randomness comes only from a `torch.Generator` (CPU) seeded with `seed`, drawn in the
+reference order: (1.0 editing) one posterior draw for all image-carrying rows, then for each
+token its initial noise and one draw per stochastic step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import DynamicCache
+
+from .checkpoint import VersionSettings, inspect_model_folder
+from .errors import NextStepError
+from .model import NextStepModel, load_model, patchify, unpatchify
+from .prompt import IMAGE_MARKER, PromptRows, build_prompt_rows, guidance_branches, load_tokenizer
+from .sampling import CFG_SCHEDULES, SamplerSettings, guidance_scales, normalize_token, sample_token
+from .vae import ImageTokenizer, load_image_tokenizer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+# callback(tokens_done, tokens_total, tokens (images, tokens_done, 64)) -> False to stop
+ProgressCallback = Callable[[int, int, torch.Tensor], "bool | None"]
+
+
+class GenerationInterrupted(RuntimeError):
+    """The progress callback asked to stop."""
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise NextStepError(f"dtype {dtype!r} is not one of float32, bfloat16, float16")
+    return DTYPES[dtype]
+
+
+@dataclass
+class GenerationResult:
+    """tokens (images, rows*cols, 64); latents (images, 16, H/8, W/8) in the tokenizer's
+    normalised latent space; images (images, H, W, 3) float in [0, 1] (None if not decoded).
+    Images are ordered prompt-major: image i of prompt p is row p * images_per_prompt + i."""
+
+    tokens: torch.Tensor
+    latents: torch.Tensor
+    images: torch.Tensor | None
+    token_grid: tuple[int, int]
+
+    def to_pil(self) -> list[Image.Image]:
+        if self.images is None:
+            raise ValueError("the images were not decoded (decode=False)")
+        arrays = (self.images.float().cpu().numpy() * 255).round().astype(np.uint8)
+        return [Image.fromarray(a) for a in arrays]
+
+
+def check_image_size(width: int, height: int, multiple: int) -> tuple[int, int]:
+    """The token grid (rows, cols) for an image size, or a NextStepError naming the bad side."""
+    for name, value in (("width", width), ("height", height)):
+        if int(value) != value or value <= 0:
+            raise NextStepError(f"{name} {value} must be a positive whole number of pixels")
+        if value % multiple:
+            raise NextStepError(f"{name} {value} is not a multiple of {multiple}")
+    return height // multiple, width // multiple
+
+
+def image_to_pixels(image) -> torch.Tensor:
+    """PIL image, or float tensor (H, W, 3) / (1, H, W, 3) in [0, 1] -> pixels (1, 3, H, W) in [-1, 1]."""
+    if isinstance(image, Image.Image):
+        array = np.asarray(image.convert("RGB"), dtype=np.float32)
+        return torch.from_numpy(array).permute(2, 0, 1)[None] / 127.5 - 1
+    if isinstance(image, torch.Tensor):
+        x = image if image.dim() == 4 else image[None]
+        if x.shape[-1] != 3:
+            raise NextStepError(f"input image tensor has shape {tuple(image.shape)}; expected (H, W, 3) or (1, H, W, 3)")
+        return x.permute(0, 3, 1, 2).float() * 2 - 1
+    raise NextStepError(f"input image of type {type(image).__name__} is not a PIL image or an image tensor")
+
+
+class NextStepPipeline:
+    """A loaded model, its text tokenizer and image tokenizer, and its version settings."""
+
+    def __init__(self, model: NextStepModel, tokenizer, image_tokenizer: ImageTokenizer, version: VersionSettings,
+                 version_reasons: list[str] | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_tokenizer = image_tokenizer
+        self.version = version
+        self.version_reasons = version_reasons or []
+        check_tokenizer_matches(model, image_tokenizer)
+
+    @classmethod
+    def from_folder(cls, model_folder: str | Path, vae_folder: str | Path | None = None, *, version: str = "auto",
+                    dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> "NextStepPipeline":
+        """Load a model folder as published (and its image tokenizer folder) onto `device` in `dtype`."""
+        dtype = parse_dtype(dtype)
+        files = inspect_model_folder(model_folder, vae_folder=vae_folder, version=version)
+        tokenizer = load_tokenizer(files.tokenizer_folder)
+        image_tokenizer = load_image_tokenizer(files.vae_folder, nextstep_1_1_defaults=files.version.name == "1.1",
+                                               dtype=dtype, device=device)
+        check_vae_channels(files.config, image_tokenizer, files.vae_folder)
+        model = load_model(files, dtype=dtype, device=device)
+        return cls(model, tokenizer, image_tokenizer, files.version, files.version_reasons)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.image_in_projector.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.image_in_projector.weight.dtype
+
+    @property
+    def pixels_per_token(self) -> int:
+        return self.image_tokenizer.config.downsample * self.model.config.latent_patch_size
+
+    def sampler_settings(self, sampler: str = "auto", steps: int | None = None, shift: float | None = None,
+                         noise_level: float = 0.8, velocity_norm: bool = False, editing: bool = False) -> SamplerSettings:
+        """The version's defaults where an option is left as auto/None."""
+        v = self.version
+        settings = SamplerSettings(
+            name=v.sampler if sampler == "auto" else sampler,
+            steps=(v.edit_steps if editing else v.steps) if steps is None else steps,
+            shift=(v.edit_shift if editing else v.shift) if shift is None else shift,
+            noise_level=noise_level, velocity_norm=velocity_norm,
+        )
+        settings.validate()
+        return settings
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: str | list[str],
+        *,
+        width: int | None = None,
+        height: int | None = None,
+        negative: str | None = None,
+        positive: str | None = None,
+        num_images: int = 1,
+        cfg: float | None = None,
+        cfg_img: float | None = None,
+        cfg_schedule: str = "constant",
+        sampler: str = "auto",
+        steps: int | None = None,
+        shift: float | None = None,
+        noise_level: float = 0.8,
+        use_norm: bool | None = None,
+        velocity_norm: bool = False,
+        image=None,
+        seed: int = 0,
+        callback: ProgressCallback | None = None,
+        decode: bool = True,
+    ) -> GenerationResult:
+        """Text-to-image, or editing when `image` is given (the prompt holds one `<image>` marker).
+
+        width/height default to the input image's size when editing. Options left as None take
+        the checkpoint version's defaults (see checkpoint.VersionSettings). Raises NextStepError
+        for bad input before any model work.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        editing = image is not None
+        v = self.version
+        cfg = v.cfg if cfg is None else cfg
+        cfg_img = (v.edit_cfg_img if editing else 1.0) if cfg_img is None else cfg_img
+        use_norm = v.use_norm if use_norm is None else use_norm
+        settings = self.sampler_settings(sampler, steps, shift, noise_level, velocity_norm, editing)
+        pixels = self.check_request(prompts, image, cfg, cfg_img, cfg_schedule, num_images)
+        if width is None and height is None and pixels is not None:
+            height, width = pixels.shape[-2:]
+        if width is None or height is None:
+            raise NextStepError("give both width and height (or an input image to take them from)")
+        token_grid = check_image_size(width, height, self.pixels_per_token)
+        edit_grid = None if pixels is None else check_image_size(pixels.shape[-1], pixels.shape[-2], self.pixels_per_token)
+
+        rows = build_prompt_rows(
+            self.tokenizer, prompts, token_grid=token_grid, negative=negative, positive=positive,
+            images_per_prompt=num_images, edit_grid=edit_grid, cfg=cfg, cfg_img=cfg_img,
+            prepend_bos=v.prepend_bos,
+        )
+        self.check_sequence_length(rows, token_grid)
+        branches = guidance_branches(editing, cfg, cfg_img)
+
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        image_tokens = None
+        if pixels is not None:
+            image_tokens = self.encode_edit_image(pixels, int(rows.image_rows.sum()), generator, seed)
+        hidden, cache, mask = self.prefill(rows, image_tokens)
+        tokens = self.decode_tokens(hidden, cache, mask, rows, branches, token_grid, num_images, len(prompts),
+                                    cfg, cfg_img, cfg_schedule, settings, use_norm, generator, callback)
+        latents = unpatchify(tokens, token_grid, self.model.config.latent_patch_size)
+        images = None
+        if decode:
+            pixels_out = self.image_tokenizer.decode(latents.to(self.dtype))
+            images = ((pixels_out.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+        return GenerationResult(tokens, latents, images, token_grid)
+
+    def check_request(self, prompts, image, cfg, cfg_img, cfg_schedule, num_images) -> torch.Tensor | None:
+        if not prompts:
+            raise NextStepError("no prompt given")
+        if cfg < 1:
+            raise NextStepError(f"cfg {cfg} must be >= 1 (1 turns text guidance off)")
+        if cfg_img < 1:
+            raise NextStepError(f"cfg_img {cfg_img} must be >= 1 (1 turns image guidance off)")
+        if cfg_schedule not in CFG_SCHEDULES:
+            raise NextStepError(f"cfg schedule {cfg_schedule!r} is not one of {', '.join(CFG_SCHEDULES)}")
+        if int(num_images) != num_images or num_images < 1:
+            raise NextStepError(f"number of images {num_images} must be a whole number >= 1")
+        markers = [p.count(IMAGE_MARKER) for p in prompts]
+        if image is None:
+            if any(markers):
+                raise NextStepError("the prompt has an `<image>` marker but no input image was given")
+            return None
+        if not all(markers):
+            raise NextStepError("an input image was given but the edit prompt has no `<image>` marker")
+        if any(m > 1 for m in markers):
+            raise NextStepError(f"the edit prompt has {max(markers)} `<image>` markers; use exactly one")
+        return image_to_pixels(image)
+
+    def check_sequence_length(self, rows: PromptRows, token_grid: tuple[int, int]) -> None:
+        num_tokens = token_grid[0] * token_grid[1]
+        size = f"{token_grid[1] * self.pixels_per_token}x{token_grid[0] * self.pixels_per_token}"
+        table = self.model.max_image_tokens
+        if table is not None and num_tokens > table:
+            raise NextStepError(f"image size {size} needs {num_tokens} image tokens; this model's position table covers {table}")
+        total = rows.input_ids.shape[1] + num_tokens
+        limit = self.model.config.max_position_embeddings
+        if total > limit:
+            raise NextStepError(
+                f"image size {size} needs {num_tokens} image tokens plus {rows.input_ids.shape[1]} prompt tokens = {total}; "
+                f"the model's positions allow {limit}: use a smaller image or a shorter prompt"
+            )
+
+    def encode_edit_image(self, pixels: torch.Tensor, image_rows: int, generator: torch.Generator, seed: int) -> torch.Tensor:
+        """Input image -> (image_rows, tokens, 64), one posterior sample per image-carrying row."""
+        pixels = pixels.to(self.device, self.dtype).expand(image_rows, -1, -1, -1)
+        grid = (image_rows, self.image_tokenizer.config.z_channels,
+                pixels.shape[-2] // self.image_tokenizer.config.downsample, pixels.shape[-1] // self.image_tokenizer.config.downsample)
+        # 1.0 draws the posterior noise from the seeded stream even for a deterministic tokenizer;
+        # 1.1 encodes before seeding, so its draw must not touch the token stream.
+        source = generator if self.version.posterior_draw_on_seeded_stream else torch.Generator().manual_seed(seed)
+        noise = torch.randn(grid, generator=source).to(self.device, self.dtype)
+        latents = self.image_tokenizer.encode(pixels, noise=noise)
+        return patchify(latents, self.model.config.latent_patch_size)
+
+    def prefill(self, rows: PromptRows, image_tokens: torch.Tensor | None):
+        """Run the prompt rows; returns the last hidden state (rows, hidden), the cache and mask."""
+        input_ids = rows.input_ids.to(self.device)
+        mask = rows.attention_mask.to(self.device)
+        embeds = self.model.backbone.embed_tokens(input_ids)
+        if image_tokens is not None:
+            placeholders = input_ids == self.tokenizer.convert_tokens_to_ids("<|image_placeholder|>")
+            projected = self.model.image_in_projector(image_tokens.to(self.dtype)).reshape(-1, embeds.shape[-1])
+            if int(placeholders.sum()) != projected.shape[0]:
+                raise NextStepError("the edit prompt's placeholders do not match the input image's tokens")
+            embeds = embeds.masked_scatter(placeholders[..., None], projected)
+        # Positions 0..L-1 on every row, padding included, as the reference does.
+        positions = torch.arange(input_ids.shape[1], device=self.device).expand(input_ids.shape[0], -1)
+        cache = DynamicCache(config=self.model.backbone.config)
+        out = self.model.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                  past_key_values=cache, use_cache=True)
+        return out.last_hidden_state[:, -1], cache, mask
+
+    def decode_tokens(self, hidden, cache, mask, rows: PromptRows, branches, token_grid, num_images, num_prompts,
+                      cfg, cfg_img, cfg_schedule, settings, use_norm, generator, callback) -> torch.Tensor:
+        """The autoregressive loop: one token per image per iteration, fed back through the cache."""
+        num_tokens = token_grid[0] * token_grid[1]
+        images = num_prompts * num_images
+        token_dim = self.model.config.token_dim
+        state_dtype = torch.float32 if self.version.noise_in_float32 else self.dtype
+        tokens = torch.empty(images, num_tokens, token_dim, device=self.device, dtype=self.dtype)
+        length = rows.input_ids.shape[1]
+
+        def draw_noise() -> torch.Tensor:
+            if self.version.shared_noise_across_prompts:
+                block = torch.randn(num_images, token_dim, generator=generator, dtype=state_dtype)
+                return block.repeat(num_prompts, 1).to(self.device)
+            return torch.randn(images, token_dim, generator=generator, dtype=state_dtype).to(self.device)
+
+        for k in range(num_tokens):
+            condition = self.model.head_condition(hidden, k)
+            scale, scale_img = guidance_scales(k, num_tokens, cfg, cfg_img, cfg_schedule, self.version.rising_linear_schedule)
+            token = sample_token(self.model.image_head.net, condition, branches=branches, cfg=scale, cfg_img=scale_img,
+                                 settings=settings, noise=draw_noise, state_dtype=state_dtype)
+            if use_norm:
+                token = normalize_token(token)
+            tokens[:, k] = token
+            if callback is not None and callback(k + 1, num_tokens, tokens[:, : k + 1]) is False:
+                raise GenerationInterrupted(f"stopped after {k + 1} of {num_tokens} tokens")
+            if k + 1 == num_tokens:
+                break
+            embed = self.model.image_in_projector(token).repeat(len(branches), 1)[:, None]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            position = torch.full((mask.shape[0], 1), length + k, device=self.device)
+            out = self.model.backbone(inputs_embeds=embed, attention_mask=mask, position_ids=position,
+                                      past_key_values=cache, use_cache=True)
+            hidden = out.last_hidden_state[:, -1]
+        return tokens
+
+
+def check_vae_channels(config, image_tokenizer: ImageTokenizer, vae_folder) -> None:
+    vae = image_tokenizer.config
+    if vae.z_channels != config.latent_channels:
+        raise NextStepError(
+            f"image tokenizer {vae_folder} makes {vae.z_channels}-channel latents but the model expects "
+            f"latent_channels {config.latent_channels}: pick the tokenizer that belongs to this model"
+        )
+    if vae.psz and vae.psz > 1 and vae.psz != config.latent_patch_size:
+        raise NextStepError(
+            f"image tokenizer {vae_folder} normalises {vae.psz}x{vae.psz} patches but the model's tokens are "
+            f"{config.latent_patch_size}x{config.latent_patch_size} patches (latent_patch_size): they do not belong together"
+        )
+
+
+def check_tokenizer_matches(model: NextStepModel, image_tokenizer: ImageTokenizer) -> None:
+    check_vae_channels(model.config, image_tokenizer, "(given)")

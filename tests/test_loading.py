@@ -1,0 +1,166 @@
+"""Loading tiny checkpoints in both released layouts through the public loader, and its errors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from nextstep_core.checkpoint import inspect_model_folder
+from nextstep_core.errors import NextStepError
+from nextstep_core.model import load_model
+from nextstep_core.pipeline import NextStepPipeline
+from nextstep_core.tiny import VAE_FOLDER_1_0, TinySpec, write_tiny_model
+
+
+def checkpoint_tensors(folder):
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})
+    return tensors
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model_1_0", "tiny_model_1_1"])
+def test_every_tensor_lands_and_none_is_missing(fixture, request):
+    folder = request.getfixturevalue(fixture)
+    files = inspect_model_folder(folder)
+    assert len(files.weight_files) == 2  # sharded, with an index
+    assert (folder / "model.safetensors.index.json").is_file()
+    model = load_model(files)
+    state = {n.removeprefix("backbone."): t for n, t in model.state_dict().items() if "rotary_emb" not in n}
+    on_disk = checkpoint_tensors(folder)
+    assert set(state) == set(on_disk)
+    for name, tensor in on_disk.items():
+        assert torch.equal(state[name], tensor), name
+    assert not any(p.is_meta for p in model.parameters())
+    assert not any(b.is_meta for b in model.buffers())
+
+
+def test_layouts_and_version_detection(tiny_model_1_0, tiny_model_1_1):
+    files_10 = inspect_model_folder(tiny_model_1_0)
+    assert files_10.version.name == "1.0"
+    assert files_10.vae_folder.name == VAE_FOLDER_1_0  # found beside the model, as the config names it
+    assert "a gen_pos_embed tensor in the weights" in files_10.version_reasons
+    files_11 = inspect_model_folder(tiny_model_1_1)
+    assert files_11.version.name == "1.1"
+    assert files_11.vae_folder == tiny_model_1_1 / "vae"
+    assert "a vae/ folder inside the model folder" in files_11.version_reasons
+    assert inspect_model_folder(tiny_model_1_1, version="1.0").version.name == "1.0"
+    with pytest.raises(NextStepError, match="version '2.0' is not one of auto, 1.0, 1.1"):
+        inspect_model_folder(tiny_model_1_1, version="2.0")
+
+
+def test_single_file_checkpoint_and_bf16(tmp_path):
+    folder = write_tiny_model(tmp_path, version="1.1", spec=TinySpec(shards=1))
+    assert (folder / "model.safetensors").is_file() and not (folder / "model.safetensors.index.json").exists()
+    pipe = NextStepPipeline.from_folder(folder, dtype="bfloat16")
+    assert pipe.model.image_head.net.input_proj.weight.dtype == torch.bfloat16
+    result = pipe.generate("a red circle", width=32, height=32, steps=2)
+    assert result.images.shape == (1, 32, 32, 3)
+    assert torch.isfinite(result.images).all()
+
+
+@pytest.fixture
+def model_copy(tiny_model_1_1, tmp_path):
+    target = tmp_path / "model"
+    shutil.copytree(tiny_model_1_1, target)
+    return target
+
+
+def test_missing_folder_config_weights_tokenizer(model_copy, tmp_path):
+    with pytest.raises(NextStepError, match="model folder .*nowhere does not exist"):
+        inspect_model_folder(tmp_path / "nowhere")
+    (model_copy / "config.json").rename(model_copy / "config.json.bak")
+    with pytest.raises(NextStepError, match="has no config.json"):
+        inspect_model_folder(model_copy)
+    (model_copy / "config.json.bak").rename(model_copy / "config.json")
+    for f in model_copy.glob("*.safetensors*"):
+        f.unlink()
+    with pytest.raises(NextStepError, match=r"has no weights \(\*.safetensors"):
+        inspect_model_folder(model_copy)
+
+
+def test_missing_tokenizer_files(model_copy):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model_copy / name).unlink()
+    with pytest.raises(NextStepError, match=r"has no tokenizer \(tokenizer.json / tokenizer_config.json\)"):
+        inspect_model_folder(model_copy)
+
+
+def test_missing_vae(model_copy, tiny_model_1_0, tmp_path):
+    shutil.rmtree(model_copy / "vae")
+    with pytest.raises(NextStepError, match="has no vae/ folder; pass the image tokenizer folder"):
+        inspect_model_folder(model_copy, version="1.1")
+    lone = tmp_path / "lone"
+    shutil.copytree(tiny_model_1_0, lone / "m")
+    with pytest.raises(NextStepError, match="config names stepfun-ai/NextStep-1-f8ch16-Tokenizer"):
+        inspect_model_folder(lone / "m")
+    with pytest.raises(NextStepError, match="image tokenizer \\(VAE\\) folder .*missing does not exist"):
+        inspect_model_folder(lone / "m", vae_folder=tmp_path / "missing")
+
+
+def test_shard_index_naming_a_missing_file(model_copy):
+    shard = sorted(model_copy.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(NextStepError, match=f"names 1 file\\(s\\) missing from .*: {shard.name}"):
+        inspect_model_folder(model_copy)
+
+
+def test_truncated_safetensors(model_copy):
+    shard = sorted(model_copy.glob("model-*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])
+    with pytest.raises(NextStepError, match=f"weights file .*{shard.name} is truncated.*download it again"):
+        inspect_model_folder(model_copy)
+    shard.write_bytes(data[:5])
+    with pytest.raises(NextStepError, match="is truncated or empty"):
+        inspect_model_folder(model_copy)
+
+
+def test_config_not_matching_weights(model_copy):
+    config = json.loads((model_copy / "config.json").read_text())
+    config["intermediate_size"] = 96
+    (model_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(NextStepError, match=r"has shape \(128, 64\), the config needs \(96, 64\)"):
+        NextStepPipeline.from_folder(model_copy)
+
+
+def test_extra_and_missing_tensors_are_named(model_copy):
+    from safetensors.torch import save_file
+
+    shard = sorted(model_copy.glob("model-*.safetensors"))[0]
+    tensors = checkpoint_tensors_of(shard)
+    dropped = sorted(tensors)[0]
+    del tensors[dropped]
+    tensors["surprise.weight"] = torch.zeros(2)
+    save_file(tensors, str(shard))
+    index = json.loads((model_copy / "model.safetensors.index.json").read_text())
+    index["weight_map"].pop(dropped)
+    index["weight_map"]["surprise.weight"] = shard.name
+    (model_copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(NextStepError) as info:
+        NextStepPipeline.from_folder(model_copy)
+    message = str(info.value)
+    assert f"1 tensor(s) the config needs are missing from the weights (backbone.{dropped}" in message or \
+        f"missing from the weights ({dropped}" in message
+    assert "1 tensor(s) in the weights match nothing in the model (surprise.weight)" in message
+
+
+def checkpoint_tensors_of(path):
+    with safe_open(str(path), "pt") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
+def test_vae_with_wrong_latent_channels(model_copy):
+    config = json.loads((model_copy / "config.json").read_text())
+    config["latent_channels"] = 8
+    (model_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(NextStepError, match="makes 16-channel latents but the model expects latent_channels 8"):
+        NextStepPipeline.from_folder(model_copy)
+
+
+def test_bad_dtype(tiny_model_1_1):
+    with pytest.raises(NextStepError, match="dtype 'float64' is not one of float32, bfloat16, float16"):
+        NextStepPipeline.from_folder(tiny_model_1_1, dtype="float64")
