@@ -153,7 +153,7 @@ def load_model(files: ModelFiles, *, dtype: torch.dtype = torch.float32, device:
                 if module_name not in expected:
                     unexpected.append(name)
                     continue
-                assign_tensor(model, module_name, f.get_tensor(name), targets[module_name], dtype, device, path)
+                assign_tensor(model, module_name, f.get_tensor(name), targets[module_name], dtype, device, path, name)
                 loaded.add(module_name)
     if model.lm_head is not None and "lm_head.weight" not in loaded and model.config.tie_word_embeddings:
         model.lm_head.weight = model.backbone.embed_tokens.weight
@@ -166,10 +166,10 @@ def load_model(files: ModelFiles, *, dtype: torch.dtype = torch.float32, device:
 
 
 def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor, target: torch.Tensor,
-                  dtype: torch.dtype, device, path: Path) -> None:
+                  dtype: torch.dtype, device, path: Path, checkpoint_name: str) -> None:
     if tuple(tensor.shape) != tuple(target.shape):
         raise NextStepError(
-            f"tensor {name} in {path.name} has shape {tuple(tensor.shape)}, the config needs {tuple(target.shape)}; "
+            f"tensor {checkpoint_name} in {path.name} has shape {tuple(tensor.shape)}, the config needs {tuple(target.shape)}; "
             "does config.json belong to these weights?"
         )
     module_path, _, attr = name.rpartition(".")
@@ -183,8 +183,7 @@ def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor, target: tor
 
 def rebuild_rotary(model: NextStepModel, device) -> None:
     """The rotary tables are computed, not stored: make them on the real device (float32)."""
-    rotary = Qwen2RotaryEmbedding(config=model.backbone.config, device=device)
-    model.backbone.rotary_emb = rotary
+    model.backbone.rotary_emb = Qwen2RotaryEmbedding(config=model.backbone.config).to(device)
 
 
 def describe_mismatch(folder: Path, missing: list[str], unexpected: list[str]) -> str:

@@ -11,7 +11,7 @@ token its initial noise and one draw per stochastic step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +23,7 @@ from transformers import DynamicCache
 from .checkpoint import VersionSettings, inspect_model_folder
 from .errors import NextStepError
 from .model import NextStepModel, load_model, patchify, unpatchify
-from .prompt import IMAGE_MARKER, PromptRows, build_prompt_rows, guidance_branches, load_tokenizer
+from .prompt import IMAGE_MARKER, PLACEHOLDER, PromptRows, build_prompt_rows, load_tokenizer
 from .sampling import CFG_SCHEDULES, SamplerSettings, guidance_scales, normalize_token, sample_token
 from .vae import ImageTokenizer, load_image_tokenizer
 
@@ -188,7 +188,7 @@ class NextStepPipeline:
             prepend_bos=v.prepend_bos,
         )
         self.check_sequence_length(rows, token_grid)
-        branches = guidance_branches(editing, cfg, cfg_img)
+        branches = rows.branches
 
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         image_tokens = None
@@ -258,7 +258,7 @@ class NextStepPipeline:
         mask = rows.attention_mask.to(self.device)
         embeds = self.model.backbone.embed_tokens(input_ids)
         if image_tokens is not None:
-            placeholders = input_ids == self.tokenizer.convert_tokens_to_ids("<|image_placeholder|>")
+            placeholders = input_ids == self.tokenizer.convert_tokens_to_ids(PLACEHOLDER)
             projected = self.model.image_in_projector(image_tokens.to(self.dtype)).reshape(-1, embeds.shape[-1])
             if int(placeholders.sum()) != projected.shape[0]:
                 raise NextStepError("the edit prompt's placeholders do not match the input image's tokens")
