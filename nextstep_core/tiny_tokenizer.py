@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import scenes
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 EOS = "<|endoftext|>"
@@ -26,10 +27,9 @@ NEXTSTEP_SPECIAL_TOKENS = [
     "<|end_of_thinking|>",
 ]
 
-COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "gray", "pink"]
-SHAPES = ["circle", "square", "triangle", "diamond", "star", "shape"]
-PLACES = ["on the left", "on the right", "at the top", "at the bottom", "in the center", "at the top left",
-          "at the top right", "at the bottom left", "at the bottom right"]
+COLORS = list(scenes.COLORS) + ["purple", "orange", "gray", "pink"]
+SHAPES = list(scenes.SHAPES) + ["diamond", "star", "shape"]
+PLACES = list(scenes.PLACE_PHRASES.values())
 
 
 def caption_corpus() -> list[str]:
@@ -41,7 +41,9 @@ def caption_corpus() -> list[str]:
             other = COLORS[(i + 3) % len(COLORS)]
             lines.append(f"a {color} {shape} {place} and a small {other} {SHAPES[(j + 1) % len(SHAPES)]}")
             lines.append(f"make the {color} {shape} {other}; move the {shape} {place}; remove the {color} {shape}")
-            lines.append(f"add a large {other} {shape} {place} on a {color} background")
+            lines.append(f"add a large {other} {shape} {place}, on a {color} background")
+            lines.append(f"a background that is {color} at the top and {other} at the bottom")
+            lines.append(f"move the {color} {shape} to the {scenes.POSITIONS[(i + j) % len(scenes.POSITIONS)]}")
     lines += ["0 1 2 3 4 5 6 7 8 9 * 10*10 16*16 32*32 4*8 8*4", "a photo of a cat, blurry, low quality, text"]
     return lines
 

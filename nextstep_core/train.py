@@ -1,0 +1,324 @@
+"""Train a small NextStep on procedurally drawn scenes: the image tokenizer, then the model.
+
+    python -m nextstep_core.train vae   --out runs/demo --steps 3000
+    python -m nextstep_core.train model --out runs/demo --steps 8000
+    python -m nextstep_core.train export --out runs/demo --to nextstep_core/demo_model
+
+Each stage saves a resumable checkpoint (`<out>/<stage>.pt`: weights, optimiser, step) every
+`--save-every` steps and continues from it when run again. Everything is seeded: the same
+command on the same machine gives the same weights. The exported model is a NextStep-1.1
+release-layout folder (config.json, model.safetensors, tokenizer files, vae/).
+
+Tokenizer stage (on 32x32 crops): reconstruction (L1 + L2 + an image-gradient term standing in for a perceptual
+loss) through the latent normalisation with the paper's noise perturbation (Gaussian noise of a
+random strength added to the normalised latent before decoding).
+Model stage: the objective in objective.py (text cross-entropy x lm_loss_weight + flow matching
+x im_loss_weight with fm_head_batch_mul repeats), captions dropped 10% of the time so
+classifier-free guidance has an unconditional branch; edit triples teach `<image>` editing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import NextStepConfig
+from .model import NextStepModel, patchify
+from .objective import TrainingBatch, training_losses
+from .prompt import SpecialIds, build_prompt_rows, load_tokenizer
+from .scenes import edit_dataset, scene_dataset
+from .tiny import TinySpec, release_state_dict, save_sharded, tiny_config_dict
+from .tiny_tokenizer import write_tiny_tokenizer
+from .vae import ImageTokenizer, VaeConfig, diffusers_keys_to_flux, save_image_tokenizer
+
+SIZES = ((64, 64), (64, 64), (128, 64), (64, 128))
+
+
+@dataclass
+class DemoSpec:
+    """Sizes of the demo model (about 5 M parameters)."""
+
+    hidden_size: int = 192
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 6
+    num_key_value_heads: int = 2
+    intermediate_size: int = 512
+    head_dim: int = 256
+    head_layers: int = 3
+    vae_ch: int = 32
+    vae_ch_mult: tuple[int, ...] = (1, 1, 2, 2)
+    vae_res_blocks: int = 1
+
+
+def pil_batch_to_pixels(images) -> torch.Tensor:
+    arrays = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+def vae_config(spec: DemoSpec) -> VaeConfig:
+    return VaeConfig.from_dict({"resolution": 64, "ch": spec.vae_ch, "ch_mult": list(spec.vae_ch_mult),
+                                "num_res_blocks": spec.vae_res_blocks, "z_channels": 16},
+                               nextstep_1_1_defaults=True)
+
+
+def grouped_batches(samples, batch_size: int, rng: np.random.Generator):
+    """Endless random batches whose images share one size."""
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, sample in enumerate(samples):
+        by_size.setdefault(sample[0].size, []).append(i)
+    sizes = list(by_size)
+    weights = np.array([len(by_size[s]) for s in sizes], dtype=np.float64)
+    while True:
+        size = sizes[rng.choice(len(sizes), p=weights / weights.sum())]
+        yield [samples[i] for i in rng.choice(by_size[size], size=min(batch_size, len(by_size[size])), replace=False)]
+
+
+def save_state(path: Path, **state) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_state(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+
+
+CROP = 32  # the tokenizer is convolutional: training on crops is 4x cheaper than on whole 64px scenes
+
+
+def random_crops(pixels: torch.Tensor, size: int, rng: np.random.Generator) -> torch.Tensor:
+    """One random size x size crop per image (aligned to the 8-pixel latent grid)."""
+    crops = []
+    for image in pixels:
+        top = 8 * int(rng.integers(0, (image.shape[1] - size) // 8 + 1))
+        left = 8 * int(rng.integers(0, (image.shape[2] - size) // 8 + 1))
+        crops.append(image[:, top:top + size, left:left + size])
+    return torch.stack(crops)
+
+
+def reconstruction_loss(decoded: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """L1 + L2 + the L1 of horizontal and vertical image gradients (edges)."""
+    def grads(x):
+        return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
+
+    (dy, dx), (ty, tx) = grads(decoded), grads(pixels)
+    return F.l1_loss(decoded, pixels) + F.mse_loss(decoded, pixels) + F.l1_loss(dy, ty) + F.l1_loss(dx, tx)
+
+
+def train_vae(out: Path, steps: int, batch_size: int, seed: int, save_every: int, log) -> ImageTokenizer:
+    spec = DemoSpec()
+    torch.manual_seed(seed)
+    tokenizer = ImageTokenizer(vae_config(spec))
+    optimizer = torch.optim.AdamW(tokenizer.parameters(), lr=1e-3, weight_decay=0.0)
+    path, start = out / "vae.pt", 0
+    state = load_state(path)
+    if state is not None:
+        tokenizer.load_state_dict(state["weights"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    samples = scene_dataset(seed, 4000, SIZES)
+    rng = np.random.default_rng(seed + start)
+    generator = torch.Generator().manual_seed(seed + start)
+    batches = grouped_batches(samples, batch_size, rng)
+    began = time.perf_counter()
+    for step in range(start, steps):
+        pixels = random_crops(pil_batch_to_pixels([image for image, _ in next(batches)]), CROP, rng)
+        mean, _ = tokenizer.posterior(pixels)
+        strength = torch.rand(mean.shape[0], 1, 1, 1, generator=generator) * 0.5
+        noisy = mean + strength * torch.randn(mean.shape, generator=generator)
+        loss = reconstruction_loss(tokenizer.decode(noisy), pixels)
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-3 * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % 50 == 0:
+            log(f"vae step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - began:.0f}s)")
+        if (step + 1) % save_every == 0 or step + 1 == steps:
+            save_state(path, weights=tokenizer.state_dict(), optimizer=optimizer.state_dict(), step=step + 1)
+    return tokenizer.eval()
+
+
+def load_trained_vae(out: Path) -> ImageTokenizer:
+    tokenizer = ImageTokenizer(vae_config(DemoSpec()))
+    tokenizer.load_state_dict(load_state(out / "vae.pt")["weights"])
+    return tokenizer.eval()
+
+
+@torch.no_grad()
+def encode_tokens(tokenizer: ImageTokenizer, images) -> torch.Tensor:
+    """PIL images of one size -> (n, tokens, 64) normalised latent tokens."""
+    return torch.cat([patchify(tokenizer.encode(pil_batch_to_pixels(images[i:i + 64])))
+                      for i in range(0, len(images), 64)])
+
+
+def build_examples(tokenizer_vae: ImageTokenizer, seed: int, scenes: int, edits: int, log):
+    """(kind, caption, target tokens, source tokens | None, grid) examples, encoded once."""
+    examples = []
+    pairs = scene_dataset(seed + 1, scenes, SIZES)
+    triples = edit_dataset(seed + 2, edits, SIZES)
+    for size in sorted({im.size for im, _ in pairs}):
+        chosen = [(im, cap) for im, cap in pairs if im.size == size]
+        tokens = encode_tokens(tokenizer_vae, [im for im, _ in chosen])
+        grid = (size[1] // 16, size[0] // 16)
+        examples += [("t2i", cap, tok, None, grid) for (_, cap), tok in zip(chosen, tokens)]
+        chosen_edits = [t for t in triples if t[0].size == size]
+        if chosen_edits:
+            sources = encode_tokens(tokenizer_vae, [s for s, _, _ in chosen_edits])
+            targets = encode_tokens(tokenizer_vae, [t for _, _, t in chosen_edits])
+            examples += [("edit", f"<image> {ins}", tgt, src, grid)
+                         for (_, ins, _), src, tgt in zip(chosen_edits, sources, targets)]
+    log(f"encoded {len(examples)} training examples")
+    return examples
+
+
+def make_batch(text_tokenizer, special: SpecialIds, examples, rng: np.random.Generator) -> TrainingBatch:
+    """Teacher-forcing rows for examples of one kind and size, with guidance dropout."""
+    kind, grid = examples[0][0], examples[0][4]
+    captions, sources = [], []
+    for _, caption, _, source, _ in examples:
+        drop = rng.random()
+        if kind == "t2i":
+            captions.append("" if drop < 0.1 else caption)
+        elif drop < 0.05:  # negative alone: the image-free guidance branch, trained as t2i
+            captions.append("")
+        else:
+            captions.append("<image>" if drop < 0.15 else caption)
+            sources.append(source)
+    texts_with_image = [c for c in captions if "<image>" in c]
+    plain = [c for c in captions if "<image>" not in c]
+    order = [i for i, c in enumerate(captions) if "<image>" in c] + [i for i, c in enumerate(captions) if "<image>" not in c]
+    ids, masks = [], []
+    if texts_with_image:
+        rows = build_prompt_rows(text_tokenizer, texts_with_image, token_grid=grid, edit_grid=grid, cfg=1.0,
+                                 cfg_img=1.0, prepend_bos=True)
+        ids.append(rows.input_ids)
+        masks.append(rows.attention_mask)
+    if plain:
+        rows = build_prompt_rows(text_tokenizer, plain, token_grid=grid, cfg=1.0, prepend_bos=True)
+        ids.append(rows.input_ids)
+        masks.append(rows.attention_mask)
+    width = max(t.shape[1] for t in ids)
+    input_ids = torch.cat([F.pad(t, (width - t.shape[1], 0), value=special.pad) for t in ids])
+    attention_mask = torch.cat([F.pad(m, (width - m.shape[1], 0), value=0) for m in masks])
+    targets = torch.stack([examples[i][2] for i in order])
+    source_tokens = torch.stack(sources) if sources else None
+    return TrainingBatch(input_ids, attention_mask, targets, special.placeholder, source_tokens)
+
+
+def new_demo_model(text_tokenizer, spec: DemoSpec, seed: int) -> tuple[NextStepModel, dict]:
+    special = SpecialIds.from_tokenizer(text_tokenizer)
+    tiny = TinySpec(hidden_size=spec.hidden_size, num_hidden_layers=spec.num_hidden_layers,
+                    num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
+                    intermediate_size=spec.intermediate_size, max_position_embeddings=1024,
+                    head_dim=spec.head_dim, head_layers=spec.head_layers)
+    config_dict = tiny_config_dict(tiny, len(text_tokenizer), asdict(special), "1.1")
+    config_dict.update(lm_loss_weight=0.01, im_loss_weight=1.0, fm_head_batch_mul=4)
+    torch.manual_seed(seed)
+    return NextStepModel(NextStepConfig.from_dict(config_dict), spec.head_dim, spec.head_layers), config_dict
+
+
+def train_model(out: Path, steps: int, batch_size: int, seed: int, save_every: int, log,
+                scenes: int = 12000, edits: int = 6000) -> NextStepModel:
+    spec = DemoSpec()
+    text_folder = write_tiny_tokenizer(out / "text_tokenizer", vocab_size=640)
+    text_tokenizer = load_tokenizer(text_folder)
+    special = SpecialIds.from_tokenizer(text_tokenizer)
+    model, config_dict = new_demo_model(text_tokenizer, spec, seed)
+    (out / "model_config.json").write_text(json.dumps(config_dict, indent=2))
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01, betas=(0.9, 0.98))
+    path, start = out / "model.pt", 0
+    state = load_state(path)
+    if state is not None:
+        model.load_state_dict(state["weights"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    examples = build_examples(load_trained_vae(out), seed, scenes, edits, log)
+    groups: dict[tuple, list] = {}
+    for example in examples:
+        groups.setdefault((example[0], example[4]), []).append(example)
+    keys = list(groups)
+    weights = np.array([len(groups[k]) for k in keys], dtype=np.float64)
+    rng = np.random.default_rng(seed + start)
+    generator = torch.Generator().manual_seed(seed + start)
+    began = time.perf_counter()
+    for step in range(start, steps):
+        key = keys[rng.choice(len(keys), p=weights / weights.sum())]
+        chosen = [groups[key][i] for i in rng.choice(len(groups[key]), size=batch_size, replace=False)]
+        batch = make_batch(text_tokenizer, special, chosen, rng)
+        losses = training_losses(model, batch, lm_loss_weight=0.01, head_repeats=4, generator=generator)
+        for group in optimizer.param_groups:
+            group["lr"] = 5e-4 * min(1.0, (step + 1) / 300) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        optimizer.zero_grad()
+        losses.total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if (step + 1) % 50 == 0:
+            log(f"model step {step + 1}/{steps} image {losses.image.item():.4f} text {losses.text.item():.3f} "
+                f"({time.perf_counter() - began:.0f}s)")
+        if (step + 1) % save_every == 0 or step + 1 == steps:
+            save_state(path, weights=model.state_dict(), optimizer=optimizer.state_dict(), step=step + 1)
+    return model.eval()
+
+
+def export(out: Path, target: Path) -> Path:
+    """Write the trained model in the NextStep-1.1 release layout (float16 weights)."""
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(out / "text_tokenizer" / name, target / name)
+    config_dict = json.loads((out / "model_config.json").read_text())
+    config_dict["torch_dtype"] = "float16"
+    (target / "config.json").write_text(json.dumps(config_dict, indent=2))
+    spec = DemoSpec()
+    model = NextStepModel(NextStepConfig.from_dict(config_dict), spec.head_dim, spec.head_layers)
+    model.load_state_dict(load_state(out / "model.pt")["weights"])
+    tensors = {k: v.half() for k, v in release_state_dict(model).items()}
+    save_sharded(target, tensors, shards=1)
+    vae = load_trained_vae(out)
+    flux = diffusers_keys_to_flux(vae.autoencoder.state_dict(), len(vae.config.ch_mult))
+    save_image_tokenizer(target / "vae", vae.config, {k: v.half() for k, v in flux.items()}, fmt="safetensors")
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nextstep_core.train", description=__doc__.split("\n")[0])
+    parser.add_argument("stage", choices=["vae", "model", "export"])
+    parser.add_argument("--out", required=True, help="run folder (checkpoints, logs)")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-every", type=int, default=250)
+    parser.add_argument("--to", default=str(Path(__file__).parent / "demo_model"), help="export target folder")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+        with open(out / "train.log", "a") as f:
+            f.write(message + "\n")
+
+    if args.stage == "vae":
+        train_vae(out, args.steps, args.batch_size, args.seed, args.save_every, log)
+    elif args.stage == "model":
+        train_model(out, args.steps, args.batch_size, args.seed, args.save_every, log)
+    else:
+        log(f"exported to {export(out, Path(args.to))}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
