@@ -66,7 +66,7 @@ def test_1_1_draws_one_noise_row_per_image(pipe_1_1):
     batch = pipe_1_1.generate(["a red circle", "a red circle"], width=32, height=32, seed=3, sampler="ode", **FAST)
     assert (batch.tokens[0] - batch.tokens[1]).abs().max() > 1e-3
     single = pipe_1_1.generate("a red circle", width=32, height=32, seed=3, sampler="ode", **FAST)
-    torch.testing.assert_close(batch.tokens[0, 0], single.tokens[0, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batch.tokens[0, 0], single.tokens[0, 0], atol=2e-4, rtol=1e-4)
     assert (batch.tokens[0, 1] - single.tokens[0, 1]).abs().max() > 1e-3
 
 
