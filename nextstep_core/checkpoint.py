@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import NextStepError
@@ -215,6 +215,21 @@ def detect_version(folder: Path, config: dict, tensor_names: set[str]) -> tuple[
     return NEXTSTEP_1_0, votes_10 or ["no 1.1 signal found"]
 
 
+SAMPLING_DEFAULT_KEYS = ("sampler", "steps", "shift", "cfg", "use_norm", "edit_steps", "edit_shift", "edit_cfg_img")
+
+
+def apply_sampling_defaults(settings: VersionSettings, reasons: list[str], raw: dict, source: Path):
+    """A model may recommend its own sampling defaults in config.json under `sampling_defaults`
+    (our extension; the released checkpoints have none and keep their version's defaults)."""
+    wanted = raw.get("sampling_defaults")
+    if not wanted:
+        return settings, reasons
+    unknown = sorted(set(wanted) - set(SAMPLING_DEFAULT_KEYS))
+    if unknown:
+        raise NextStepError(f"{source}: sampling_defaults has unknown keys {', '.join(unknown)}")
+    return replace(settings, **wanted), reasons + [f"sampling defaults from config.json: {wanted}"]
+
+
 def resolve_vae_folder(folder: Path, config: NextStepConfig, vae_folder: str | Path | None) -> Path | None:
     """The image tokenizer folder: given explicitly, `vae/` inside the model, or a sibling named in the config."""
     if vae_folder is not None:
@@ -276,6 +291,7 @@ def inspect_model_folder(
     else:
         raise NextStepError(f"version {version!r} is not one of auto, 1.0, 1.1")
 
+    settings, reasons = apply_sampling_defaults(settings, reasons, raw, config_path)
     vae = resolve_vae_folder(folder, config, vae_folder)
     if vae is None and need_vae:
         hint = f" (config names {config.vae_name_or_path})" if config.vae_name_or_path else ""

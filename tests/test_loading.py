@@ -164,3 +164,15 @@ def test_vae_with_wrong_latent_channels(model_copy):
 def test_bad_dtype(tiny_model_1_1):
     with pytest.raises(NextStepError, match="dtype 'float64' is not one of float32, bfloat16, float16"):
         NextStepPipeline.from_folder(tiny_model_1_1, dtype="float64")
+
+
+def test_config_sampling_defaults_override_the_version_defaults(model_copy):
+    config = json.loads((model_copy / "config.json").read_text())
+    config["sampling_defaults"] = {"cfg": 3.0, "steps": 12}
+    (model_copy / "config.json").write_text(json.dumps(config))
+    files = inspect_model_folder(model_copy)
+    assert (files.version.name, files.version.cfg, files.version.steps, files.version.sampler) == ("1.1", 3.0, 12, "sde")
+    config["sampling_defaults"] = {"cfgg": 3.0}
+    (model_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(NextStepError, match="sampling_defaults has unknown keys cfgg"):
+        inspect_model_folder(model_copy)
