@@ -176,3 +176,11 @@ def test_config_sampling_defaults_override_the_version_defaults(model_copy):
     (model_copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(NextStepError, match="sampling_defaults has unknown keys cfgg"):
         inspect_model_folder(model_copy)
+
+
+def test_vae_with_a_different_patch_normalisation(model_copy):
+    vae_config = json.loads((model_copy / "vae" / "config.json").read_text())
+    vae_config["psz"] = 4
+    (model_copy / "vae" / "config.json").write_text(json.dumps(vae_config))
+    with pytest.raises(NextStepError, match="normalises 4x4 patches but the model's tokens are 2x2 patches"):
+        NextStepPipeline.from_folder(model_copy)
