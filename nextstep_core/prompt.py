@@ -1,46 +1,55 @@
-"""Turn captions into the token rows NextStep reads: one row per guidance branch and image.
+"""Turn captions into the token rows NextStep reads: one row per guidance branch, prompt and image.
 
-Row text (reference section 6):
-- the caption, plus " " + positive when a positive suffix is given; negative rows use the
-  negative prompt ("" when none);
-- editing: the caption's single `<image>` marker becomes
-  `<|image_area|>{h}*{w}<|begin_of_image|>` + h*w `<|image_placeholder|>` + `<|end_of_image|>`;
-- NextStep-1.1 prepends the tokenizer's BOS string (if it has one) to every row's text.
-All rows are tokenised together (special tokens added, no EOS) with LEFT padding, then every
-row gets the image prefix: `<|image_area|>{rows}*{cols}` tokenised with special tokens, its
-first id dropped whenever the tokenizer defines a BOS token (the reference assumes one was
-inserted even when it was not: reproduced on purpose), then the boi id.
+The contract is the reference's section 6 (and section 8 for NextStep-1.1's BOS).
 
-Guidance branches, in row order (BRANCH-major: row = branch * images + prompt * images_per_prompt + i):
-- text-to-image: ["cond"] or, with cfg > 1, ["cond", "uncond_text"] (the negative prompt);
-- editing: "cond" (caption with image), "uncond_text" (image + negative prompt, when cfg > 1),
-  "uncond_image" (negative prompt alone, when cfg_img > 1).
+Row text:
+- "cond": the caption, plus " " + positive when a non-empty positive suffix is given; when
+  editing, the caption's single `<image>` marker becomes the image string
+  `<|image_area|>{h}*{w}<|begin_of_image|>` + h*w `<|image_placeholder|>` + `<|end_of_image|>`,
+  (h, w) being the input image's token grid;
+- "uncond_text" (cfg > 1): the negative prompt ("" when none), preceded by the image string
+  when editing;
+- "uncond_image" (editing with cfg_img > 1): the negative prompt alone.
+- NextStep-1.1 (prepend_bos=True) prepends the tokenizer's BOS string, if it defines one, to
+  every row's text; a tokenizer that inserts BOS itself then yields two BOS ids.
+
+All row texts are tokenised together with special tokens (BOS where the tokenizer's
+post-processor inserts one), no EOS, and LEFT padded to the longest row with the pad id
+(attention mask 0 there). Every row then ends with the same image prefix: the string
+`<|image_area|>{h}*{w}` of the image to generate, tokenised with special tokens, with its FIRST
+id dropped whenever the tokenizer defines a BOS token, then the boi id. The authors assume the
+tokenizer inserted a BOS there; when it did not, the dropped id is `<|image_area|>` itself. That
+quirk is reproduced on purpose: the released checkpoints were trained with it.
+
+Row order is BRANCH-major, each prompt's row repeated images_per_prompt times:
+    row = branch * (num_prompts * images_per_prompt) + prompt * images_per_prompt + image_index
 """
 
 from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
 from .errors import NextStepError
 from .sampling import COND, UNCOND_IMAGE, UNCOND_TEXT
 
+SPECIAL = dict(pad="[PAD]", image_area="<|image_area|>", boi="<|begin_of_image|>", eoi="<|end_of_image|>",
+               placeholder="<|image_placeholder|>")
 IMAGE_MARKER = "<image>"
-IMAGE_AREA = "<|image_area|>"
-BOI = "<|begin_of_image|>"
-EOI = "<|end_of_image|>"
-PLACEHOLDER = "<|image_placeholder|>"
-PAD = "[PAD]"
+PAD, IMAGE_AREA, BOI, EOI, PLACEHOLDER = (SPECIAL[k] for k in ("pad", "image_area", "boi", "eoi", "placeholder"))
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 @dataclass(frozen=True)
 class SpecialIds:
+    """The ids of NextStep's special tokens in one tokenizer."""
+
     pad: int
     image_area: int
     boi: int
@@ -48,43 +57,60 @@ class SpecialIds:
     placeholder: int
 
     @classmethod
-    def from_tokenizer(cls, tokenizer) -> "SpecialIds":
-        vocab = tokenizer.get_vocab()
-        names = dict(pad=PAD, image_area=IMAGE_AREA, boi=BOI, eoi=EOI, placeholder=PLACEHOLDER)
-        missing = [token for token in names.values() if token not in vocab]
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> "SpecialIds":
+        missing = missing_special_tokens(tokenizer)
         if missing:
             raise NextStepError(f"the tokenizer lacks NextStep's special tokens {', '.join(missing)}; "
                                 "is this a NextStep model folder?")
-        return cls(**{field: vocab[token] for field, token in names.items()})
+        vocab = tokenizer.get_vocab()
+        return cls(**{name: vocab[token] for name, token in SPECIAL.items()})
 
 
 @dataclass
 class PromptRows:
-    """input_ids / attention_mask (rows, L), left padded; image_rows (rows,) marks rows with
-    the input image's placeholders; branches names the guidance branch of each row block."""
+    """The prompt rows of one generation call.
+
+    input_ids (rows, L) long: left padded, every row ending with boi.
+    attention_mask (rows, L) long: 0 on padding.
+    num_branches: guidance branches; rows = num_branches * num_prompts * images_per_prompt.
+    image_rows (rows,) bool: rows whose text carries the input image's placeholders (editing).
+    branches: the branch names in row-block order (see `guidance_branches`).
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    branches: list[str]
+    num_branches: int
     image_rows: torch.Tensor
+    branches: list[str] = field(default_factory=list)
 
-    @property
-    def num_branches(self) -> int:
-        return len(self.branches)
+    def __post_init__(self):
+        if self.branches and len(self.branches) != self.num_branches:
+            raise ValueError(f"{len(self.branches)} branch names for {self.num_branches} branches")
 
 
-def load_tokenizer(folder: str | Path):
-    """The model folder's fast tokenizer, left padding, checked for NextStep's special tokens."""
+def missing_special_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """NextStep's special tokens (SPECIAL) that `tokenizer` lacks, in SPECIAL's order."""
+    vocab = tokenizer.get_vocab()
+    return [token for token in SPECIAL.values() if token not in vocab]
+
+
+def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
+    """The model folder's tokenizer (local files only, no remote code), left padding, checked for
+    NextStep's special tokens; pad token `[PAD]` when the files name none."""
     folder = Path(folder)
-    if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise NextStepError(f"model folder {folder} has no tokenizer (tokenizer.json / tokenizer_config.json)")
     try:
-        with quiet_transformers():  # it reads config.json too and warns about the unknown model type
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), padding_side="left", local_files_only=True)
+        with quiet_transformers():  # it also reads config.json and warns about the unknown model type
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), padding_side="left", local_files_only=True,
+                                                      trust_remote_code=False)
     except (OSError, ValueError) as exc:
-        raise NextStepError(f"the tokenizer files in {folder} cannot be read: {exc}") from None
+        raise NextStepError(f"the tokenizer files in model folder {folder} cannot be read: {exc}") from None
+    missing = missing_special_tokens(tokenizer)
+    if missing:
+        raise NextStepError(f"the tokenizer in model folder {folder} lacks NextStep's special tokens "
+                            f"{', '.join(missing)}; is this a NextStep model folder?")
     tokenizer.padding_side = "left"
-    SpecialIds.from_tokenizer(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = PAD
     return tokenizer
@@ -92,6 +118,7 @@ def load_tokenizer(folder: str | Path):
 
 @contextmanager
 def quiet_transformers():
+    """Silence transformers' warnings (not errors) inside the block."""
     level = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
     try:
@@ -103,6 +130,12 @@ def quiet_transformers():
 
 
 def guidance_branches(editing: bool, cfg: float, cfg_img: float) -> list[str]:
+    """Branch names in row-block order.
+
+    text-to-image: ["cond"], plus "uncond_text" (negative prompt) when cfg > 1 (cfg_img ignored);
+    editing: ["cond"] (caption with image), plus "uncond_text" (image + negative prompt) when
+    cfg > 1, plus "uncond_image" (negative prompt alone) when cfg_img > 1.
+    """
     branches = [COND]
     if cfg > 1:
         branches.append(UNCOND_TEXT)
@@ -111,85 +144,155 @@ def guidance_branches(editing: bool, cfg: float, cfg_img: float) -> list[str]:
     return branches
 
 
-def image_string(edit_grid: tuple[int, int]) -> str:
-    rows, cols = edit_grid
-    return f"{IMAGE_AREA}{rows}*{cols}{BOI}" + PLACEHOLDER * (rows * cols) + EOI
+def count_image_markers(text: str) -> int:
+    """How many `<image>` markers `text` holds."""
+    return text.count(IMAGE_MARKER)
+
+
+def check_edit_caption(caption: str) -> None:
+    """An edit caption must hold exactly one `<image>` marker."""
+    count = count_image_markers(caption)
+    if count == 0:
+        raise NextStepError("no `<image>` marker in the edit prompt")
+    if count > 1:
+        raise NextStepError(f"the edit prompt has {count} `<image>` markers; use exactly one")
+
+
+def check_text_caption(caption: str) -> None:
+    """A text-to-image caption must hold no `<image>` marker."""
+    if count_image_markers(caption):
+        raise NextStepError("the prompt has an `<image>` marker but no input image was given")
+
+
+def check_suffix(text: str | None, what: str) -> None:
+    """The negative / positive prompts may not hold the `<image>` marker."""
+    if text and count_image_markers(text):
+        raise NextStepError(f"the {what} prompt has an `<image>` marker; only the prompt itself may hold one")
 
 
 def check_grid(grid: tuple[int, int], what: str) -> None:
-    if len(grid) != 2 or min(grid) < 1:
-        raise NextStepError(f"{what} {grid} must have two sides >= 1")
+    """A (rows, cols) token grid with both sides >= 1."""
+    if len(grid) != 2 or any(int(side) != side or side < 1 for side in grid):
+        raise NextStepError(f"{what} {tuple(grid)} must be two whole numbers >= 1 (rows, cols)")
 
 
-def branch_texts(captions: list[str], branch: str, negative: str, positive: str | None,
-                 edit_grid: tuple[int, int] | None) -> list[str]:
-    """The text of one guidance branch for every caption."""
-    if branch == UNCOND_IMAGE:
-        return [negative] * len(captions)
-    if branch == UNCOND_TEXT:
-        prefix = image_string(edit_grid) if edit_grid else ""
-        return [prefix + negative] * len(captions)
-    texts = []
-    for caption in captions:
-        if positive:
-            caption = f"{caption} {positive}"
-        if edit_grid is not None:
-            caption = caption.replace(IMAGE_MARKER, image_string(edit_grid), 1)
-        texts.append(caption)
-    return texts
+def grid_string(grid: tuple[int, int]) -> str:
+    """`<|image_area|>{h}*{w}`: the image-area announcement of an (h, w) token grid."""
+    rows, cols = grid
+    return f"{IMAGE_AREA}{int(rows)}*{int(cols)}"
 
 
-def check_markers(captions: list[str], editing: bool) -> None:
-    for caption in captions:
-        count = caption.count(IMAGE_MARKER)
-        if not editing and count:
-            raise NextStepError("the prompt has an `<image>` marker but no input image was given")
-        if editing and count == 0:
-            raise NextStepError("no `<image>` marker in the edit prompt")
-        if editing and count > 1:
-            raise NextStepError(f"the edit prompt has {count} `<image>` markers; use exactly one")
+def image_string(edit_grid: tuple[int, int]) -> str:
+    """The text standing for the input image: area, boi, h*w placeholders, eoi."""
+    rows, cols = edit_grid
+    return grid_string(edit_grid) + BOI + PLACEHOLDER * (int(rows) * int(cols)) + EOI
 
 
-def image_prefix_ids(tokenizer, token_grid: tuple[int, int], boi: int) -> list[int]:
-    ids = tokenizer(f"{IMAGE_AREA}{token_grid[0]}*{token_grid[1]}", add_special_tokens=True).input_ids
+def cond_text(caption: str, positive: str | None, edit_grid: tuple[int, int] | None) -> str:
+    """The conditional row's text: marker replaced by the image string, positive suffix appended."""
+    if edit_grid is not None:
+        caption = caption.replace(IMAGE_MARKER, image_string(edit_grid), 1)
+    return f"{caption} {positive}" if positive else caption
+
+
+def branch_text(branch: str, caption: str, negative: str, positive: str | None,
+                edit_grid: tuple[int, int] | None) -> str:
+    """The text of one row of `branch` for `caption`."""
+    if branch == COND:
+        return cond_text(caption, positive, edit_grid)
+    if branch == UNCOND_TEXT and edit_grid is not None:
+        return image_string(edit_grid) + negative
+    return negative
+
+
+def row_texts(captions: list[str], branches: list[str], negative: str, positive: str | None,
+              edit_grid: tuple[int, int] | None, images_per_prompt: int) -> tuple[list[str], list[bool]]:
+    """Texts of all rows in branch-major order, and whether each carries the input image."""
+    texts, carries_image = [], []
+    for branch in branches:
+        for caption in captions:
+            text = branch_text(branch, caption, negative, positive, edit_grid)
+            texts += [text] * images_per_prompt
+            carries_image += [edit_grid is not None and branch != UNCOND_IMAGE] * images_per_prompt
+    return texts, carries_image
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase, special: SpecialIds) -> int:
+    """The tokenizer's own pad id (what its padding would use), `[PAD]` when it has none."""
+    return special.pad if tokenizer.pad_token_id is None else int(tokenizer.pad_token_id)
+
+
+def tokenize_left_padded(tokenizer: PreTrainedTokenizerBase, texts: list[str], pad: int):
+    """texts -> input_ids, attention_mask (rows, L) long: special tokens added, left padded with `pad`."""
+    encoded = tokenizer(texts, add_special_tokens=True, padding=False, truncation=False).input_ids
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + list(ids) for ids in encoded], dtype=torch.long)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], dtype=torch.long)
+    return input_ids.reshape(len(texts), width), attention_mask.reshape(len(texts), width)
+
+
+def image_prefix_ids(tokenizer: PreTrainedTokenizerBase, token_grid: tuple[int, int], boi: int) -> list[int]:
+    """The ids every row ends with: `<|image_area|>{h}*{w}` with special tokens, first id dropped
+    whenever the tokenizer defines a BOS token (inserted or not: the authors' quirk), then boi."""
+    ids = list(tokenizer(grid_string(token_grid), add_special_tokens=True).input_ids)
     if tokenizer.bos_token is not None:
-        ids = ids[1:]  # the reference drops the first id whenever a BOS token is defined
-    return list(ids) + [boi]
+        ids = ids[1:]
+    return ids + [boi]
 
 
-def build_prompt_rows(tokenizer, captions: list[str], *, token_grid: tuple[int, int], negative: str | None = None,
-                      positive: str | None = None, images_per_prompt: int = 1,
-                      edit_grid: tuple[int, int] | None = None, cfg: float = 7.5, cfg_img: float = 1.0,
-                      prepend_bos: bool = False) -> PromptRows:
-    """Token rows for all guidance branches, prompts and images (see the module docstring)."""
+def check_placeholders(input_ids: torch.Tensor, image_rows: torch.Tensor, placeholder: int,
+                       edit_grid: tuple[int, int] | None) -> None:
+    """Image rows must hold exactly h*w placeholder ids, other rows none (the tokenizer must not
+    merge or split `<|image_placeholder|>`)."""
+    expected = 0 if edit_grid is None else int(edit_grid[0]) * int(edit_grid[1])
+    counts = (input_ids == placeholder).sum(dim=1)
+    wanted = torch.where(image_rows, expected, 0)
+    if not torch.equal(counts, wanted):
+        raise NextStepError(f"the tokenizer turned the input image's {expected} `<|image_placeholder|>` tokens into "
+                            f"{counts.tolist()} per row; is it NextStep's tokenizer?")
+
+
+def check_request(captions: list[str], negative: str | None, positive: str | None, token_grid: tuple[int, int],
+                  edit_grid: tuple[int, int] | None, images_per_prompt: int) -> None:
+    """Raise NextStepError for anything the caller can fix, before tokenising."""
     if not captions:
         raise NextStepError("no prompt given")
-    if images_per_prompt < 1:
+    if int(images_per_prompt) != images_per_prompt or images_per_prompt < 1:
         raise NextStepError(f"number of images {images_per_prompt} must be >= 1")
-    check_grid(token_grid, "token grid")
-    editing = edit_grid is not None
-    if editing:
-        check_grid(edit_grid, "input image token grid")
-    check_markers(captions, editing)
-    special = SpecialIds.from_tokenizer(tokenizer)
-    branches = guidance_branches(editing, cfg, cfg_img)
-    repeated = [c for c in captions for _ in range(images_per_prompt)]
-    texts, image_rows = [], []
-    for branch in branches:
-        block = branch_texts(repeated, branch, negative or "", positive, edit_grid)
-        texts += block
-        image_rows += [editing and branch != UNCOND_IMAGE] * len(block)
-    if prepend_bos and tokenizer.bos_token is not None:
-        texts = [tokenizer.bos_token + t for t in texts]
+    check_grid(token_grid, "token grid of the image to generate")
+    if edit_grid is not None:
+        check_grid(edit_grid, "token grid of the input image")
+    check_caption = check_text_caption if edit_grid is None else check_edit_caption
+    for caption in captions:
+        check_caption(caption)
+    check_suffix(negative, "negative")
+    check_suffix(positive, "positive")
 
-    encoded = tokenizer(texts, add_special_tokens=True, padding="longest", return_tensors="pt")
-    prefix = torch.tensor(image_prefix_ids(tokenizer, token_grid, special.boi)).expand(len(texts), -1)
-    input_ids = torch.cat([encoded.input_ids, prefix], dim=1)
-    attention_mask = torch.cat([encoded.attention_mask, torch.ones_like(prefix)], dim=1)
-    image_rows = torch.tensor(image_rows, dtype=torch.bool)
-    if editing:
-        placeholders = (input_ids == special.placeholder).sum(dim=1)
-        expected = edit_grid[0] * edit_grid[1]
-        if not torch.all(placeholders[image_rows] == expected):
-            raise NextStepError("the tokenizer merged the image placeholder tokens; is it NextStep's tokenizer?")
-    return PromptRows(input_ids, attention_mask, branches, image_rows)
+
+def build_prompt_rows(tokenizer: PreTrainedTokenizerBase, captions: list[str], *, token_grid: tuple[int, int],
+                      negative: str | None = None, positive: str | None = None, images_per_prompt: int = 1,
+                      edit_grid: tuple[int, int] | None = None, cfg: float = 7.5, cfg_img: float = 1.0,
+                      prepend_bos: bool = False) -> PromptRows:
+    """Token rows for every guidance branch, prompt and image (see the module docstring).
+
+    captions: one per prompt (a single string counts as one prompt). token_grid: (rows, cols) of
+    the image to generate, pixels // 16. edit_grid: (rows, cols) of the input image when editing.
+    prepend_bos: NextStep-1.1's BOS string before every row (1.0 passes False).
+    Returns PromptRows with num_branches * len(captions) * images_per_prompt rows.
+    """
+    captions = [captions] if isinstance(captions, str) else list(captions)
+    check_request(captions, negative, positive, token_grid, edit_grid, images_per_prompt)
+    special = SpecialIds.from_tokenizer(tokenizer)
+    branches = guidance_branches(edit_grid is not None, cfg, cfg_img)
+    texts, carries_image = row_texts(captions, branches, negative or "", positive, edit_grid, images_per_prompt)
+    if prepend_bos and tokenizer.bos_token is not None:
+        texts = [tokenizer.bos_token + text for text in texts]
+
+    text_ids, text_mask = tokenize_left_padded(tokenizer, texts, pad_id(tokenizer, special))
+    prefix = torch.tensor(image_prefix_ids(tokenizer, token_grid, special.boi), dtype=torch.long)
+    prefix = prefix.expand(len(texts), -1)
+    input_ids = torch.cat([text_ids, prefix], dim=1)
+    attention_mask = torch.cat([text_mask, torch.ones_like(prefix)], dim=1)
+    image_rows = torch.tensor(carries_image, dtype=torch.bool)
+    check_placeholders(input_ids, image_rows, special.placeholder, edit_grid)
+    return PromptRows(input_ids, attention_mask, len(branches), image_rows, branches)
