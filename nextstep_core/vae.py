@@ -1,35 +1,59 @@
-"""The image tokenizer: a Flux-style 16-channel autoencoder on diffusers' `AutoencoderKL`.
+"""The image tokenizer: a Flux-style 16-channel, 8x-downsampling autoencoder on diffusers' `AutoencoderKL`.
 
-On disk (`NextStep-1-f8ch16-Tokenizer/`, or `vae/` inside a 1.1 model): `config.json` with the
-original Flux fields (`ch`, `ch_mult`, `num_res_blocks`, `z_channels`, `scaling_factor`,
-`shift_factor`, `deterministic`, `encoder_norm`, `psz`, ...) and `checkpoint.pt`, a plain state
-dict in the original Flux key names (`encoder.down.0.block.1.norm1.weight`, ...). It is read with
-`torch.load(weights_only=True)` only; `.safetensors` works too.
+On disk (`NextStep-1-f8ch16-Tokenizer/`, or `vae/` inside a 1.1 model folder) a tokenizer is
+`config.json` with the original Flux fields (`ch`, `ch_mult`, `num_res_blocks`, `z_channels`,
+`scaling_factor`, `shift_factor`, `deterministic`, `encoder_norm`, `psz`, ...) plus one weights
+file: `checkpoint.pt`, a plain dict of tensors in the original Flux key names
+(`encoder.down.0.block.1.norm1.weight`, ...), or a `.safetensors` file. `.pt` files are only ever
+read with `torch.load(weights_only=True)`: a file that would need to run code is refused.
+Checkpoints already in diffusers naming are accepted as well.
 
-Pixels are in [-1, 1], NCHW. latent = (z - shift_factor) * scaling_factor, where z is the
-(optionally normalised) posterior mean plus exp(logvar / 2) * noise unless `deterministic`.
+Conventions (B = batch, z = z_channels, f = downsample factor, 8 for ch_mult [1, 2, 4, 4]):
+- pixels: (B, 3, H, W) in [-1, 1] (uint8 x / 127.5 - 1); images: (B, H, W, 3) floats in [0, 1].
+- posterior: mean and logvar, each (B, z, H/f, W/f); with `encoder_norm` the mean is
+  layer-normalised per position (or per psz x psz patch); logvar is clamped to [-30, 20].
+- latent = (z_sample - shift_factor) * scaling_factor, z_sample = mean (+ exp(logvar/2) * noise
+  unless `deterministic`); decoding inverts it before the decoder.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import pickle
 import re
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import NextStepError
 
+LOGVAR_RANGE = (-30.0, 20.0)
+NORM_EPS = 1e-6
+FLUX_NORM_GROUPS = 32
+WEIGHT_FORMATS = ("pt", "safetensors")
+KNOWN_PREFIXES = ("autoencoder.", "vae.", "first_stage_model.", "module.", "model.")
+
+
+# ----- configuration -----
+
 
 @dataclass
 class VaeConfig:
-    """The tokenizer's config.json. `psz`: patch size of the latent normalisation (None/0: per position)."""
+    """The tokenizer's `config.json` (original Flux autoencoder fields plus NextStep's latent settings).
+
+    psz: patch size of the encoder normalisation; None or 0 means each latent position on its own
+    (the same as 1).
+    """
 
     resolution: int = 256
     in_channels: int = 3
@@ -45,185 +69,325 @@ class VaeConfig:
     psz: int | None = None
 
     @classmethod
-    def from_dict(cls, raw: dict, *, nextstep_1_1_defaults: bool) -> "VaeConfig":
-        """Unknown keys are ignored. Silent 1.1 configs mean: scale 1, shift 0, deterministic,
-        encoder_norm on, psz 1. Silent 1.0 configs mean: scale 1, shift 0, sampled posterior, no norm."""
-        defaults = dict(deterministic=True, encoder_norm=True, psz=1) if nextstep_1_1_defaults else {}
-        known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__ and v is not None}
-        config = cls(**{**defaults, **known})
-        config.ch_mult = list(config.ch_mult)
-        return config
+    def from_dict(cls, d: dict, *, nextstep_1_1_defaults: bool, source: str = "VAE config") -> "VaeConfig":
+        """Build from config.json's dict; unknown keys are ignored, a null value counts as silent.
+
+        Silent fields take the dataclass defaults, except that with `nextstep_1_1_defaults` (the
+        1.1 release's code) the posterior is deterministic and encoder_norm is on with psz 1.
+        The 1.0 defaults (scale 1, shift 0, sampled posterior, no normalisation) are this
+        module's choice: they leave the encoder's output as it is.
+        Raises NextStepError naming `source` and the field when a value has the wrong type.
+        """
+        if not isinstance(d, dict):
+            raise NextStepError(f"{source} must be a JSON object with the tokenizer's fields, got {type(d).__name__}")
+        values = dict(deterministic=True, encoder_norm=True, psz=1) if nextstep_1_1_defaults else {}
+        for name in cls.__dataclass_fields__:
+            if d.get(name) is not None:
+                values[name] = check_field(name, d[name], source)
+        return cls(**values)
 
     @property
     def downsample(self) -> int:
+        """Pixels per latent position along each side: 2 ** (len(ch_mult) - 1)."""
         return 2 ** (len(self.ch_mult) - 1)
 
+    @property
+    def block_channels(self) -> list[int]:
+        """Channels of each encoder level: [ch * m for m in ch_mult]."""
+        return [self.ch * m for m in self.ch_mult]
+
+    @property
+    def norm_groups(self) -> int:
+        """GroupNorm groups: Flux's 32 when the channels allow, else the largest divisor of all of them below 32."""
+        common = math.gcd(*self.block_channels)
+        return max(g for g in range(1, FLUX_NORM_GROUPS + 1) if common % g == 0)
+
     def to_dict(self) -> dict:
+        """The fields as config.json stores them."""
         return asdict(self)
 
 
+POSITIVE_INTS = ("in_channels", "ch", "out_ch", "num_res_blocks", "z_channels")
+
+
+def check_field(name: str, value, source: str):
+    """Validate one config.json field; returns the value in the dataclass's type."""
+    def fail(expected: str):
+        raise NextStepError(f"{source}: field '{name}' must be {expected}, got {value!r}")
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if name in POSITIVE_INTS and not (is_int(value) and value > 0):
+        fail("a positive integer")
+    if name in ("resolution", "psz") and not (is_int(value) and value >= 0):
+        fail("a non-negative integer")
+    if name == "ch_mult":
+        if not (isinstance(value, list) and value and all(is_int(m) and m > 0 for m in value)):
+            fail("a non-empty list of positive integers")
+        return list(value)
+    if name in ("deterministic", "encoder_norm") and not isinstance(value, bool):
+        fail("true or false")
+    if name in ("scaling_factor", "shift_factor"):
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+            fail("a finite number")
+        if name == "scaling_factor" and value == 0:
+            fail("non-zero (decoding divides by it)")
+        return float(value)
+    return value
+
+
 def build_autoencoder(config: VaeConfig) -> AutoencoderKL:
+    """diffusers' AutoencoderKL shaped like the Flux autoencoder: no quant convs, mid-block attention on."""
     levels = len(config.ch_mult)
     return AutoencoderKL(
-        in_channels=config.in_channels, out_channels=config.out_ch,
-        down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
-        block_out_channels=[config.ch * m for m in config.ch_mult], layers_per_block=config.num_res_blocks,
-        latent_channels=config.z_channels, norm_num_groups=32, sample_size=config.resolution,
-        use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True,
+        in_channels=config.in_channels,
+        out_channels=config.out_ch,
+        down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels,
+        block_out_channels=config.block_channels,
+        layers_per_block=config.num_res_blocks,
+        latent_channels=config.z_channels,
+        norm_num_groups=config.norm_groups,
+        sample_size=config.resolution,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=True,
     )
 
 
 # ----- key names: original Flux autoencoder <-> diffusers -----
+#
+# One table serves both directions. A rule is a pair of name templates whose {fields} are
+# translated field by field; names no rule matches (conv_in, conv_out, unknown names) are kept.
 
-RESNET_PARTS = {"nin_shortcut": "conv_shortcut"}
+RESNET_PARTS = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
 ATTENTION_PARTS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+
+NAME_RULES = (
+    ("{side}.down.{i}.block.{j}.{res}.{leaf}", "{side}.down_blocks.{i}.resnets.{j}.{res}.{leaf}"),
+    ("{side}.down.{i}.downsample.conv.{leaf}", "{side}.down_blocks.{i}.downsamplers.0.conv.{leaf}"),
+    ("{side}.up.{up}.block.{j}.{res}.{leaf}", "{side}.up_blocks.{up}.resnets.{j}.{res}.{leaf}"),
+    ("{side}.up.{up}.upsample.conv.{leaf}", "{side}.up_blocks.{up}.upsamplers.0.conv.{leaf}"),
+    ("{side}.mid.block_{mid}.{res}.{leaf}", "{side}.mid_block.resnets.{mid}.{res}.{leaf}"),
+    ("{side}.mid.attn_1.{attn}.{leaf}", "{side}.mid_block.attentions.0.{attn}.{leaf}"),
+    ("{side}.norm_out.{leaf}", "{side}.conv_norm_out.{leaf}"),
+)
 
 
-def flux_name_to_diffusers(name: str, levels: int) -> str:
-    side, rest = name.split(".", 1)
-    m = re.fullmatch(r"down\.(\d+)\.block\.(\d+)\.(\w+)\.(\w+)", rest)
-    if m:
-        i, j, part, kind = m.groups()
-        return f"{side}.down_blocks.{i}.resnets.{j}.{RESNET_PARTS.get(part, part)}.{kind}"
-    m = re.fullmatch(r"down\.(\d+)\.downsample\.conv\.(\w+)", rest)
-    if m:
-        return f"{side}.down_blocks.{m[1]}.downsamplers.0.conv.{m[2]}"
-    m = re.fullmatch(r"up\.(\d+)\.block\.(\d+)\.(\w+)\.(\w+)", rest)
-    if m:
-        i, j, part, kind = m.groups()
-        return f"{side}.up_blocks.{levels - 1 - int(i)}.resnets.{j}.{RESNET_PARTS.get(part, part)}.{kind}"
-    m = re.fullmatch(r"up\.(\d+)\.upsample\.conv\.(\w+)", rest)
-    if m:
-        return f"{side}.up_blocks.{levels - 1 - int(m[1])}.upsamplers.0.conv.{m[2]}"
-    m = re.fullmatch(r"mid\.block_(\d)\.(\w+)\.(\w+)", rest)
-    if m:
-        part = RESNET_PARTS.get(m[2], m[2])
-        return f"{side}.mid_block.resnets.{int(m[1]) - 1}.{part}.{m[3]}"
-    m = re.fullmatch(r"mid\.attn_1\.(\w+)\.(\w+)", rest)
-    if m:
-        return f"{side}.mid_block.attentions.0.{ATTENTION_PARTS[m[1]]}.{m[2]}"
-    if rest.startswith("norm_out."):
-        return f"{side}.conv_norm_out.{rest.split('.', 1)[1]}"
-    return name  # conv_in, conv_out
+def field_patterns(to_diffusers: bool) -> dict[str, str]:
+    """Regex of each template field on the side being read."""
+    def choice(parts: dict) -> str:
+        names = parts.values() if not to_diffusers else parts.keys()
+        return "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+
+    return {"side": "encoder|decoder", "i": r"\d+", "j": r"\d+", "up": r"\d+", "mid": r"\d+",
+            "res": choice(RESNET_PARTS), "attn": choice(ATTENTION_PARTS), "leaf": "weight|bias"}
+
+
+def field_translators(to_diffusers: bool, levels: int) -> dict[str, Callable[[str], str]]:
+    """How each field's value changes: decoder levels are numbered in reverse, mid blocks from 1 in Flux."""
+    def renamer(parts: dict) -> Callable[[str], str]:
+        table = parts if to_diffusers else {v: k for k, v in parts.items()}
+        return table.__getitem__
+
+    step = -1 if to_diffusers else 1
+    return {"up": lambda s: str(levels - 1 - int(s)), "mid": lambda s: str(int(s) + step),
+            "res": renamer(RESNET_PARTS), "attn": renamer(ATTENTION_PARTS)}
+
+
+def compile_template(template: str, patterns: dict[str, str]) -> re.Pattern:
+    """'{side}.norm_out.{leaf}' -> a regex with one named group per field."""
+    pieces = re.split(r"\{(\w+)\}", template)
+    regex = "".join(re.escape(p) if k % 2 == 0 else f"(?P<{p}>{patterns[p]})" for k, p in enumerate(pieces))
+    return re.compile(regex)
+
+
+@functools.cache
+def compiled_rules(to_diffusers: bool) -> tuple[tuple[re.Pattern, str], ...]:
+    """(regex of the naming being read, template of the naming being written) for each rule."""
+    patterns = field_patterns(to_diffusers)
+    ordered = (rule if to_diffusers else rule[::-1] for rule in NAME_RULES)
+    return tuple((compile_template(source, patterns), target) for source, target in ordered)
+
+
+def rename(name: str, *, to_diffusers: bool, levels: int) -> str:
+    """One parameter name in the other naming; names that no rule matches come back unchanged."""
+    translate = field_translators(to_diffusers, levels)
+    for source, target in compiled_rules(to_diffusers):
+        match = source.fullmatch(name)
+        if match:
+            fields = {k: translate.get(k, str)(v) for k, v in match.groupdict().items()}
+            return target.format(**fields)
+    return name
 
 
 def is_attention_projection(diffusers_name: str) -> bool:
-    return ".attentions.0.to_" in diffusers_name and diffusers_name.endswith("weight")
+    """True for the q/k/v/out weights that Flux stores as 1x1 convs and diffusers as linear layers."""
+    return any(f".mid_block.attentions.0.{p}.weight" in diffusers_name for p in ATTENTION_PROJECTIONS)
 
 
-def flux_keys_to_diffusers(state_dict: dict, levels: int = 4) -> dict:
-    """Original Flux names -> diffusers names; 1x1 conv attention weights become linear."""
-    out = {}
+def infer_levels(names, pattern: str) -> int:
+    """Number of decoder levels, from the highest up-block index among the names (0 if none)."""
+    found = [int(m[1]) for n in names if (m := re.match(pattern, n))]
+    return max(found) + 1 if found else 0
+
+
+def flux_keys_to_diffusers(state_dict: dict, levels: int | None = None) -> dict:
+    """Original Flux names -> diffusers AutoencoderKL names; attention 1x1 conv weights (o, i, 1, 1) -> (o, i).
+
+    `levels` (len(ch_mult)) is inferred from the decoder's `up.{i}` names when not given. Names
+    already in diffusers naming, and unknown names, pass through unchanged.
+    """
+    levels = levels if levels is not None else infer_levels(state_dict, r"decoder\.up\.(\d+)\.")
+    converted = {}
     for name, tensor in state_dict.items():
-        new = flux_name_to_diffusers(name, levels)
-        if is_attention_projection(new) and tensor.dim() == 4:
-            tensor = tensor[:, :, 0, 0]
-        out[new] = tensor
-    return out
+        new_name = rename(name, to_diffusers=True, levels=levels)
+        if is_attention_projection(new_name) and tensor.dim() == 4 and tensor.shape[2:] == (1, 1):
+            tensor = tensor.reshape(tensor.shape[:2])
+        converted[new_name] = tensor
+    return converted
 
 
-def diffusers_keys_to_flux(state_dict: dict, levels: int = 4) -> dict:
-    """diffusers names -> original Flux names (attention weights back to 1x1 convs)."""
-    flux_names = {}
-    for name in state_dict:
-        flux_names[name] = diffusers_name_to_flux(name, levels)
-    out = {}
+def diffusers_keys_to_flux(state_dict: dict, levels: int | None = None) -> dict:
+    """diffusers AutoencoderKL names -> original Flux names; attention linear weights (o, i) -> (o, i, 1, 1)."""
+    levels = levels if levels is not None else infer_levels(state_dict, r"decoder\.up_blocks\.(\d+)\.")
+    converted = {}
     for name, tensor in state_dict.items():
         if is_attention_projection(name) and tensor.dim() == 2:
             tensor = tensor[:, :, None, None]
-        out[flux_names[name]] = tensor
-    return out
+        converted[rename(name, to_diffusers=False, levels=levels)] = tensor
+    return converted
 
 
-def diffusers_name_to_flux(name: str, levels: int) -> str:
-    side, rest = name.split(".", 1)
-    inverse_resnet = {v: k for k, v in RESNET_PARTS.items()}
-    inverse_attention = {v: k for k, v in ATTENTION_PARTS.items()}
-    m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(\w+)", rest)
-    if m:
-        kind, i, j, part, leaf = m.groups()
-        i = int(i) if kind == "down" else levels - 1 - int(i)
-        return f"{side}.{kind}.{i}.block.{j}.{inverse_resnet.get(part, part)}.{leaf}"
-    m = re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(\w+)", rest)
-    if m:
-        return f"{side}.down.{m[1]}.downsample.conv.{m[2]}"
-    m = re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(\w+)", rest)
-    if m:
-        return f"{side}.up.{levels - 1 - int(m[1])}.upsample.conv.{m[2]}"
-    m = re.fullmatch(r"mid_block\.resnets\.(\d)\.(\w+)\.(\w+)", rest)
-    if m:
-        return f"{side}.mid.block_{int(m[1]) + 1}.{inverse_resnet.get(m[2], m[2])}.{m[3]}"
-    m = re.fullmatch(r"mid_block\.attentions\.0\.(to_out\.0|\w+)\.(\w+)", rest)
-    if m:
-        return f"{side}.mid.attn_1.{inverse_attention[m[1]]}.{m[2]}"
-    if rest.startswith("conv_norm_out."):
-        return f"{side}.norm_out.{rest.split('.', 1)[1]}"
-    return name
+# ----- encoder normalisation and pixel conversions -----
+
+
+def normalize_latent_positions(mean: torch.Tensor, psz: int | None) -> torch.Tensor:
+    """Layer-normalise every latent position (psz None/0/1) or every psz x psz patch over its channels.
+
+    mean (B, C, h, w) -> (B, C, h, w); no affine, eps 1e-6, computed in float32, returned in
+    mean's dtype. A patch is the C * psz * psz numbers of psz x psz neighbouring positions.
+    """
+    b, c, h, w = mean.shape
+    p = psz or 1
+    if h % p or w % p:
+        raise NextStepError(f"the latent grid {h}x{w} cannot be cut into {p}x{p} patches (VAE config field 'psz' "
+                            f"is {p}); use an image size that is a multiple of {p} latent positions")
+    patches = mean.float().reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    normed = F.layer_norm(patches.reshape(b, h // p, w // p, c * p * p), (c * p * p,), eps=NORM_EPS)
+    back = normed.reshape(b, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5)
+    return back.reshape(b, c, h, w).to(mean.dtype)
+
+
+def image_to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """images (B, H, W, 3) in [0, 1] -> pixels (B, 3, H, W) in [-1, 1]."""
+    return images.permute(0, 3, 1, 2) * 2 - 1
+
+
+def pixels_to_image(pixels: torch.Tensor) -> torch.Tensor:
+    """pixels (B, 3, H, W), nominally [-1, 1] -> float32 images (B, H, W, 3), (x + 1) / 2 clamped to [0, 1]."""
+    return ((pixels.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+def pil_to_pixels(pil_image) -> torch.Tensor:
+    """A PIL image -> pixels (1, 3, H, W) float32: its 8-bit RGB values x / 127.5 - 1."""
+    array = np.asarray(pil_image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)[None] / 127.5 - 1
 
 
 # ----- the module -----
 
 
-def normalize_latent_positions(mean: torch.Tensor, psz: int | None) -> torch.Tensor:
-    """Layer-normalise each latent position (or each psz x psz patch) over its channels.
-
-    (B, C, H, W) -> same shape; no affine, eps 1e-6, computed in float32.
-    """
-    b, c, h, w = mean.shape
-    p = psz or 1
-    x = mean.float().reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, h // p, w // p, c * p * p)
-    x = F.layer_norm(x, x.shape[-1:], eps=1e-6)
-    x = x.reshape(b, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
-    return x.to(mean.dtype)
-
-
 class ImageTokenizer(torch.nn.Module):
-    """pixels (B, 3, H, W) in [-1, 1] <-> latents (B, z_channels, H/8, W/8)."""
+    """pixels (B, 3, H, W) in [-1, 1] <-> latents (B, z_channels, H/8, W/8), per `config`."""
 
-    def __init__(self, config: VaeConfig):
+    config: VaeConfig
+    autoencoder: AutoencoderKL
+
+    def __init__(self, config: VaeConfig, autoencoder: AutoencoderKL | None = None):
+        """Randomly initialised unless a ready `autoencoder` (of this config's shape) is given."""
         super().__init__()
         self.config = config
-        self.autoencoder = build_autoencoder(config)
+        self.autoencoder = autoencoder if autoencoder is not None else build_autoencoder(config)
+
+    image_to_pixels = staticmethod(image_to_pixels)
+    pixels_to_image = staticmethod(pixels_to_image)
+    pil_to_pixels = staticmethod(pil_to_pixels)
+
+    def check_pixels(self, pixels: torch.Tensor) -> None:
+        """Refuse pixel tensors the encoder cannot turn into a whole latent grid."""
+        f, channels = self.config.downsample, self.config.in_channels
+        if pixels.dim() != 4 or pixels.shape[1] != channels:
+            raise NextStepError(f"the image tokenizer takes pixels shaped (batch, {channels}, height, width), "
+                                f"got {tuple(pixels.shape)}")
+        if pixels.shape[2] % f or pixels.shape[3] % f:
+            raise NextStepError(f"image size {pixels.shape[3]}x{pixels.shape[2]} (width x height) is not a "
+                                f"multiple of {f}, the image tokenizer's downsampling")
 
     def posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, logvar), each (B, z, H/8, W/8); mean normalised when encoder_norm; logvar clamped to [-30, 20]."""
-        moments = self.autoencoder.encoder(pixels)
+        """pixels (B, 3, H, W) in [-1, 1] -> (mean, logvar), each (B, z, H/f, W/f).
+
+        The mean is already normalised when `encoder_norm`; logvar is clamped to [-30, 20].
+        """
+        self.check_pixels(pixels)
+        moments = self.autoencoder.encoder(pixels.to(self.autoencoder.dtype))
         mean, logvar = moments.chunk(2, dim=1)
         if self.config.encoder_norm:
             mean = normalize_latent_positions(mean, self.config.psz)
-        return mean, logvar.clamp(-30.0, 20.0)
+        return mean, logvar.clamp(*LOGVAR_RANGE)
 
     def encode(self, pixels: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Pixels -> scaled latents. `noise` (same shape as the latent) samples the posterior unless deterministic."""
+        """pixels (B, 3, H, W) -> latents (B, z, H/f, W/f) = (z_sample - shift) * scale.
+
+        z_sample = mean + exp(logvar / 2) * noise when `noise` (B, z, H/f, W/f) is given and the
+        config is not deterministic, else the mean. A deterministic tokenizer still accepts (and
+        ignores) noise, which callers draw anyway to keep their random stream in step.
+        """
         mean, logvar = self.posterior(pixels)
+        if noise is not None and noise.shape != mean.shape:
+            raise ValueError(f"posterior noise has shape {tuple(noise.shape)}, expected {tuple(mean.shape)}")
         z = mean
         if noise is not None and not self.config.deterministic:
             z = mean + torch.exp(logvar / 2) * noise.to(mean)
         return (z - self.config.shift_factor) * self.config.scaling_factor
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (B, z, h, w) -> pixels (B, 3, 8h, 8w), roughly in [-1, 1] (not clamped)."""
-        z = latent / self.config.scaling_factor + self.config.shift_factor
+        """latents (B, z, h, w) -> pixels (B, 3, f*h, f*w), nominally in [-1, 1] (not clamped)."""
+        z = latent.to(self.autoencoder.dtype) / self.config.scaling_factor + self.config.shift_factor
         return self.autoencoder.decoder(z)
 
+    def latent_to_image(self, latent: torch.Tensor) -> torch.Tensor:
+        """latents (B, z, h, w) -> float32 images (B, f*h, f*w, 3) in [0, 1]."""
+        return pixels_to_image(self.decode(latent))
 
-# ----- files -----
+
+# ----- writing -----
 
 
 def random_flux_state_dict(config: VaeConfig, seed: int) -> dict[str, torch.Tensor]:
-    """A randomly initialised tokenizer's weights in the original Flux naming."""
-    with torch.random.fork_rng():
+    """Weights of a freshly initialised tokenizer in the original Flux naming; the global RNG is untouched."""
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        module = build_autoencoder(config)
-    return diffusers_keys_to_flux(module.state_dict(), len(config.ch_mult))
+        autoencoder = build_autoencoder(config)
+    return diffusers_keys_to_flux(autoencoder.state_dict(), len(config.ch_mult))
 
 
-def save_image_tokenizer(folder: str | Path, config: VaeConfig, flux_state_dict: dict, *, fmt: str = "pt") -> Path:
-    """Write config.json and checkpoint.pt (a plain dict of tensors) or checkpoint.safetensors."""
+def save_image_tokenizer(folder, config: VaeConfig, flux_state_dict: dict, *, fmt: str = "pt") -> Path:
+    """Write config.json and checkpoint.pt (a plain dict of tensors) or checkpoint.safetensors; returns the folder.
+
+    A checkpoint of the other format left in the folder is removed so the folder stays unambiguous.
+    """
+    if fmt not in WEIGHT_FORMATS:
+        raise NextStepError(f"VAE checkpoint format {fmt!r} is not one of {', '.join(WEIGHT_FORMATS)}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    tensors = {k: v.detach().contiguous() for k, v in flux_state_dict.items()}
+    (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    tensors = {name: t.detach().cpu().contiguous() for name, t in flux_state_dict.items()}
+    for other in WEIGHT_FORMATS:
+        if other != fmt:
+            (folder / f"checkpoint.{other}").unlink(missing_ok=True)
     if fmt == "safetensors":
         save_file(tensors, str(folder / "checkpoint.safetensors"))
     else:
@@ -231,72 +395,149 @@ def save_image_tokenizer(folder: str | Path, config: VaeConfig, flux_state_dict:
     return folder
 
 
-def find_vae_weights(folder: Path) -> Path:
+# ----- reading -----
+
+
+def read_config(folder: Path, nextstep_1_1_defaults: bool) -> VaeConfig:
+    """The VaeConfig in folder/config.json."""
+    if not folder.exists():
+        raise NextStepError(f"image tokenizer (VAE) folder {folder} does not exist")
+    if not folder.is_dir():
+        raise NextStepError(f"image tokenizer (VAE) folder {folder} is a file, not a folder")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise NextStepError(f"image tokenizer (VAE) folder {folder} has no config.json")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise NextStepError(f"VAE config {path} is not valid JSON ({exc})") from None
+    return VaeConfig.from_dict(raw, nextstep_1_1_defaults=nextstep_1_1_defaults, source=f"VAE config {path}")
+
+
+def find_weights(folder: Path) -> Path:
+    """checkpoint.safetensors, else checkpoint.pt, else the folder's only .safetensors / .pt / .pth file."""
     for name in ("checkpoint.safetensors", "checkpoint.pt", "diffusion_pytorch_model.safetensors"):
         if (folder / name).is_file():
             return folder / name
-    found = sorted(folder.glob("*.safetensors"))
-    if found:
-        return found[0]
+    for pattern in ("*.safetensors", "*.pt", "*.pth"):
+        found = sorted(p for p in folder.glob(pattern) if p.is_file())
+        if len(found) > 1:
+            names = ", ".join(p.name for p in found)
+            raise NextStepError(f"image tokenizer (VAE) folder {folder} has several weights files ({names}); "
+                                f"keep one, or name it checkpoint.pt / checkpoint.safetensors")
+        if found:
+            return found[0]
     raise NextStepError(f"image tokenizer (VAE) folder {folder} has no checkpoint.pt or .safetensors weights")
 
 
-def read_vae_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors from a .safetensors file, or a .pt file read with weights_only=True (never unpickled freely)."""
+def read_pt(path: Path):
+    """torch.load with weights_only=True only; a file that would run code while unpickling is refused."""
     try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise NextStepError(
-            f"VAE checkpoint {path} is not a plain tensor state dict and was refused (it is only read with "
-            f"weights_only=True, which never runs code from the file): {str(exc).splitlines()[0]}"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise NextStepError(f"VAE checkpoint {path} cannot be read (truncated or corrupt?): {str(exc).splitlines()[0]}") from None
+        wanted = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if wanted:
+            raise NextStepError(
+                f"VAE checkpoint {path} is not a plain tensor state dict and was refused: unpickling it would call "
+                f"Python object {wanted[1]}, and it is only read with torch.load(weights_only=True), which never "
+                f"runs code from a file. Convert it to a plain dict of tensors (or .safetensors)") from None
+        raise corrupt(path, exc) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as exc:
+        raise corrupt(path, exc) from None
+
+
+def corrupt(path: Path, exc: Exception) -> NextStepError:
+    """The error for a weights file that cannot be parsed."""
+    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return NextStepError(f"VAE checkpoint {path} cannot be read (truncated or corrupt?): {detail}")
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file, unwrapped from {'state_dict': ...} and a shared 'vae.'-like prefix."""
+    if path.suffix == ".safetensors":
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise corrupt(path, exc) from None
+    else:
+        state = read_pt(path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise NextStepError(f"VAE checkpoint {path} does not hold a dict of tensors")
-    return {k.removeprefix("vae."): v for k, v in state.items()}
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise NextStepError(f"VAE checkpoint {path} does not hold a plain dict of tensors (name -> tensor)")
+    return strip_shared_prefix(state)
 
 
-def load_image_tokenizer(folder: str | Path, *, nextstep_1_1_defaults: bool, dtype: torch.dtype = torch.float32,
-                         device: str | torch.device = "cpu") -> ImageTokenizer:
-    """Read config.json and the weights of a tokenizer folder; every tensor must fit."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise NextStepError(f"image tokenizer (VAE) folder {folder} does not exist")
-    if not (folder / "config.json").is_file():
-        raise NextStepError(f"image tokenizer (VAE) folder {folder} has no config.json")
-    try:
-        raw = json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise NextStepError(f"VAE config {folder / 'config.json'} is not valid JSON ({exc.msg})") from None
-    config = VaeConfig.from_dict(raw, nextstep_1_1_defaults=nextstep_1_1_defaults)
-    path = find_vae_weights(folder)
-    state = read_vae_weights(path)
-    if not any(k.startswith(("encoder.down_blocks", "decoder.up_blocks")) for k in state):
-        state = flux_keys_to_diffusers(state, len(config.ch_mult))
-    tokenizer = ImageTokenizer(config)
-    check_vae_state(tokenizer, state, path)
-    tokenizer.autoencoder.load_state_dict(state, strict=True)
-    return tokenizer.to(device=device, dtype=dtype).eval()
+def strip_shared_prefix(state: dict) -> dict:
+    """Drop a wrapper prefix ('autoencoder.', 'vae.', ...) that every name starts with."""
+    for prefix in KNOWN_PREFIXES:
+        if all(name.startswith(prefix) for name in state):
+            return {name[len(prefix):]: t for name, t in state.items()}
+    return state
 
 
-def check_vae_state(tokenizer: ImageTokenizer, state: dict, path: Path) -> None:
-    expected = tokenizer.autoencoder.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"is missing {len(missing)} tensors the config needs ({', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"has {len(unexpected)} tensors the config does not describe ({', '.join(unexpected[:3])})")
-        raise NextStepError(f"VAE checkpoint {path} " + " and ".join(parts) + "; is this a Flux-style f8ch16 tokenizer "
-                            "and does its config.json belong to it?")
-    for name, tensor in state.items():
+def check_weights(state: dict, expected: dict, original_names: dict, config: VaeConfig, path: Path) -> None:
+    """Refuse weights whose names or shapes do not match the autoencoder `config` describes.
+
+    state: converted (diffusers) name -> tensor; expected: the model's name -> tensor (shapes);
+    original_names: converted name -> the name in the file (for messages).
+    """
+    check_latent_channels(state, config, path)
+    check_names(state, expected, original_names, config, path)
+    for name, tensor in sorted(state.items()):
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise NextStepError(f"VAE checkpoint {path}: tensor {name} has shape {tuple(tensor.shape)}, config.json "
-                                f"(ch, ch_mult, z_channels) needs {tuple(expected[name].shape)}")
+            raise NextStepError(f"VAE checkpoint {path}: tensor {original_names[name]} has shape {tuple(tensor.shape)}, "
+                                f"config.json (ch, ch_mult, z_channels) needs {tuple(expected[name].shape)}")
+
+
+def check_names(state: dict, expected: dict, original_names: dict, config: VaeConfig, path: Path) -> None:
+    """Missing or unexpected tensors, listed (first three) in the naming the file uses."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(original_names[n] for n in set(state) - set(expected))
+    if not missing and not unexpected:
+        return
+    if any(original_names[n] != n for n in state):  # the file uses Flux names: show the missing ones that way
+        missing = sorted(diffusers_keys_to_flux({n: expected[n] for n in missing}, len(config.ch_mult)))
+    problems = []
+    if missing:
+        problems.append(f"is missing {len(missing)} tensors the config needs ({', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"has {len(unexpected)} tensors the config does not describe ({', '.join(unexpected[:3])})")
+    raise NextStepError(f"VAE checkpoint {path} " + " and ".join(problems) + "; is this a Flux-style f8ch16 "
+                        "tokenizer, and does its config.json (ch, ch_mult, num_res_blocks) belong to it?")
+
+
+def check_latent_channels(state: dict, config: VaeConfig, path: Path) -> None:
+    """The decoder's input channels and the encoder's output channels must equal z_channels (2x for the encoder)."""
+    for name, dim, factor in (("decoder.conv_in.weight", 1, 1), ("encoder.conv_out.weight", 0, 2)):
+        tensor = state.get(name)
+        if tensor is None or tensor.dim() != 4 or tensor.shape[dim] == factor * config.z_channels:
+            continue
+        found = tensor.shape[dim] // factor
+        needed = list(tensor.shape)
+        needed[dim] = factor * config.z_channels
+        raise NextStepError(
+            f"VAE checkpoint {path}: tensor {name} has shape {tuple(tensor.shape)}, config.json (ch, ch_mult, "
+            f"z_channels) needs {tuple(needed)}: the weights make {found}-channel latents but config.json field "
+            f"z_channels is {config.z_channels}")
+
+
+def load_image_tokenizer(folder, *, nextstep_1_1_defaults: bool, dtype: torch.dtype = torch.float32,
+                         device: str | torch.device = "cpu") -> ImageTokenizer:
+    """Read a tokenizer folder (config.json + weights in Flux or diffusers naming) strictly; returns it in eval mode."""
+    folder = Path(folder)
+    config = read_config(folder, nextstep_1_1_defaults)
+    path = find_weights(folder)
+    from_file = read_weights(path)
+    levels = len(config.ch_mult)
+    original_names = {rename(n, to_diffusers=True, levels=levels): n for n in from_file}
+    state = flux_keys_to_diffusers(from_file, levels)
+    if len(state) != len(from_file):
+        raise NextStepError(f"VAE checkpoint {path} holds some tensors twice, under their Flux and their diffusers "
+                            "names; keep one naming")
+    with torch.device("meta"):
+        autoencoder = build_autoencoder(config)
+    check_weights(state, autoencoder.state_dict(), original_names, config, path)
+    autoencoder.load_state_dict(state, strict=True, assign=True)
+    tokenizer = ImageTokenizer(config, autoencoder)
+    return tokenizer.to(device=device, dtype=dtype).eval()
