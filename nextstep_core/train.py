@@ -93,15 +93,17 @@ def load_state(path: Path):
 
 
 CROP = 32  # the tokenizer is convolutional: training on crops is 4x cheaper than on whole 64px scenes
+NOISE_STRENGTH = 0.25  # the latent perturbation: Gaussian noise of strength U(0, 0.25) on the normalised latent
 
 
 def random_crops(pixels: torch.Tensor, size: int, rng: np.random.Generator) -> torch.Tensor:
     """One random size x size crop per image (aligned to the 8-pixel latent grid)."""
     crops = []
     for image in pixels:
-        top = 8 * int(rng.integers(0, (image.shape[1] - size) // 8 + 1))
-        left = 8 * int(rng.integers(0, (image.shape[2] - size) // 8 + 1))
-        crops.append(image[:, top:top + size, left:left + size])
+        size_y, size_x = min(size, image.shape[1]), min(size, image.shape[2])
+        top = 8 * int(rng.integers(0, (image.shape[1] - size_y) // 8 + 1))
+        left = 8 * int(rng.integers(0, (image.shape[2] - size_x) // 8 + 1))
+        crops.append(image[:, top:top + size_y, left:left + size_x])
     return torch.stack(crops)
 
 
@@ -114,7 +116,7 @@ def reconstruction_loss(decoded: torch.Tensor, pixels: torch.Tensor) -> torch.Te
     return F.l1_loss(decoded, pixels) + F.mse_loss(decoded, pixels) + F.l1_loss(dy, ty) + F.l1_loss(dx, tx)
 
 
-def train_vae(out: Path, steps: int, batch_size: int, seed: int, save_every: int, log) -> ImageTokenizer:
+def train_vae(out: Path, steps: int, batch_size: int, seed: int, save_every: int, log, crop: int = CROP) -> ImageTokenizer:
     spec = DemoSpec()
     torch.manual_seed(seed)
     tokenizer = ImageTokenizer(vae_config(spec))
@@ -131,9 +133,9 @@ def train_vae(out: Path, steps: int, batch_size: int, seed: int, save_every: int
     batches = grouped_batches(samples, batch_size, rng)
     began = time.perf_counter()
     for step in range(start, steps):
-        pixels = random_crops(pil_batch_to_pixels([image for image, _ in next(batches)]), CROP, rng)
+        pixels = random_crops(pil_batch_to_pixels([image for image, _ in next(batches)]), crop, rng)
         mean, _ = tokenizer.posterior(pixels)
-        strength = torch.rand(mean.shape[0], 1, 1, 1, generator=generator) * 0.5
+        strength = torch.rand(mean.shape[0], 1, 1, 1, generator=generator) * NOISE_STRENGTH
         noisy = mean + strength * torch.randn(mean.shape, generator=generator)
         loss = reconstruction_loss(tokenizer.decode(noisy), pixels)
         for group in optimizer.param_groups:
@@ -300,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-every", type=int, default=250)
+    parser.add_argument("--crop", type=int, default=CROP, help="tokenizer stage: train on crops of this size (64: whole scenes)")
     parser.add_argument("--to", default=str(Path(__file__).parent / "demo_model"), help="export target folder")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -312,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             f.write(message + "\n")
 
     if args.stage == "vae":
-        train_vae(out, args.steps, args.batch_size, args.seed, args.save_every, log)
+        train_vae(out, args.steps, args.batch_size, args.seed, args.save_every, log, crop=args.crop)
     elif args.stage == "model":
         train_model(out, args.steps, args.batch_size, args.seed, args.save_every, log)
     else:
