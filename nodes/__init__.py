@@ -1,0 +1,14 @@
+"""The NextStep nodes for ComfyUI (V3 schema). Glue only: the work is done by nextstep_core."""
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import loaders, sample, vae
+
+
+class NextStepExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [*loaders.NODES, *sample.NODES, *vae.NODES]
+
+
+async def comfy_entrypoint() -> NextStepExtension:
+    return NextStepExtension()
