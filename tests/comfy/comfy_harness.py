@@ -26,6 +26,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PACK_NAME = "ComfyUI-NextStep"
+EXAMPLE_IMAGE = "example.png"  # in the server's input/ folder; the edit workflows load it
+EXAMPLE_SIZE = (48, 32)  # non-square, whole 16-pixel tokens
+
+
+def write_example_image(path: Path) -> None:
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", EXAMPLE_SIZE, (40, 90, 200))
+    ImageDraw.Draw(image).ellipse((4, 4, 26, 26), fill=(220, 40, 30))
+    image.save(path)
 
 
 def find_comfyui() -> Path | None:

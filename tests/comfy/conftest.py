@@ -8,18 +8,11 @@ expect, input/ a small example image. Nothing is installed here: scripts/comfy_e
 from __future__ import annotations
 
 import pytest
-from comfy_harness import COMFY_DIR, PACK_NAME, REPO, ComfyServer
-
-EXAMPLE_IMAGE = "example.png"
-EXAMPLE_SIZE = (48, 32)  # non-square, whole 16-pixel tokens
+from comfy_harness import COMFY_DIR, EXAMPLE_IMAGE, PACK_NAME, REPO, ComfyServer, write_example_image
 
 
-def write_example_image(path):
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", EXAMPLE_SIZE, (40, 90, 200))
-    ImageDraw.Draw(image).ellipse((4, 4, 26, 26), fill=(220, 40, 30))
-    image.save(path)
+FLUX_FILES = [("diffusion_models", "flux1-dev.safetensors"), ("text_encoders", "clip_l.safetensors"),
+              ("text_encoders", "t5xxl_fp8_e4m3fn.safetensors"), ("vae", "ae.safetensors")]
 
 
 def write_models(models):
@@ -34,6 +27,11 @@ def write_models(models):
         write_tiny_model(nextstep, version="1.1", name="nextstep-demo", seed=3)
     (nextstep / "NextStep-broken").mkdir()
     (nextstep / "NextStep-broken" / "README.md").write_text("a download that never finished\n")
+    # Empty stand-ins, so that the Flux refine workflow's file names are valid choices (it is
+    # checked against /object_info, not run).
+    for folder, name in FLUX_FILES:
+        (models / folder).mkdir(parents=True, exist_ok=True)
+        (models / folder / name).write_bytes(b"")
 
 
 @pytest.fixture(scope="session")
