@@ -40,7 +40,8 @@ def test_object_info_lists_every_node_with_inputs(comfy):
     options = loader["input"]["required"]["model_name"][1]["options"]
     assert {"NextStep-1.1", "NextStep-1-Large-Edit", "nextstep-demo"} <= set(options)
     assert "NextStep-1-f8ch16-Tokenizer" not in options  # the 1.0 image tokenizer is offered as a tokenizer
-    assert loader["input"]["required"]["tokenizer"][1]["options"] == ["auto", "NextStep-1-f8ch16-Tokenizer"]
+    tokenizers = loader["input"]["required"]["tokenizer"][1]["options"]
+    assert tokenizers[0] == "auto" and "NextStep-1-f8ch16-Tokenizer" in tokenizers
     seed = info["NextStepTextToImage"]["input"]["required"]["seed"]
     assert seed[1]["control_after_generate"] is True
     width = info["NextStepTextToImage"]["input"]["required"]["width"][1]
