@@ -97,8 +97,8 @@ class NextStepModelLoader(io.ComfyNode):
                                        "from the checkpoint's files."),
             ],
             outputs=[
-                NextStepModelType.Output("model", tooltip="The NextStep model, for the NextStep sampling nodes."),
-                NextStepVAEType.Output("vae", tooltip="Its image tokenizer, for NextStep VAE Encode / Decode."),
+                NextStepModelType.Output("model", display_name="model", tooltip="The NextStep model, for the NextStep sampling nodes."),
+                NextStepVAEType.Output("vae", display_name="vae", tooltip="Its image tokenizer, for NextStep VAE Encode / Decode."),
             ],
         )
 
