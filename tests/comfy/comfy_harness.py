@@ -63,8 +63,9 @@ def free_port() -> int:
 class ComfyServer:
     """One ComfyUI process on a free loopback port, with `base` as its base directory."""
 
-    def __init__(self, base: Path, extra_args: list[str] | None = None):
+    def __init__(self, base: Path, extra_args: list[str] | None = None, frontend: bool = False):
         self.base = base
+        self.frontend = frontend  # serve the real web UI (comfyui-frontend-package) instead of an empty folder
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = base / "server.log"
@@ -74,12 +75,14 @@ class ComfyServer:
     # ----- life cycle -----
 
     def start(self, timeout: float = 180) -> "ComfyServer":
-        (self.base / "fe").mkdir(exist_ok=True)  # no web UI needed
         command = [
             sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-            "--disable-auto-launch", "--base-directory", str(self.base), "--front-end-root", str(self.base / "fe"),
+            "--disable-auto-launch", "--base-directory", str(self.base),
             "--database-url", "sqlite:///:memory:", "--disable-api-nodes", *self.extra_args,
         ]
+        if not self.frontend:
+            (self.base / "fe").mkdir(exist_ok=True)  # no web UI needed
+            command += ["--front-end-root", str(self.base / "fe")]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("PYTHONPATH", None)
         with open(self.log_path, "wb") as log:
