@@ -67,7 +67,9 @@ def wrap_pipeline(pipe: NextStepPipeline, name: str) -> LoadedNextStep:
     """Put the pipeline's networks under ComfyUI's model management (they stay where they are until a node needs them)."""
     patcher = comfy.model_patcher.ModelPatcher(pipe.model, load_device=mm.get_torch_device(),
                                                offload_device=mm.unet_offload_device())
-    vae_patcher = comfy.model_patcher.ModelPatcher(pipe.image_tokenizer, load_device=mm.vae_device(),
+    # The tokenizer runs on the transformer's device even with --cpu-vae: the engine encodes an
+    # edit's reference image on the model's device.
+    vae_patcher = comfy.model_patcher.ModelPatcher(pipe.image_tokenizer, load_device=mm.get_torch_device(),
                                                    offload_device=mm.vae_offload_device())
     return LoadedNextStep(pipe, patcher, LoadedImageTokenizer(pipe.image_tokenizer, vae_patcher), name)
 

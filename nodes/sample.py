@@ -83,11 +83,11 @@ def generate(model: LoadedNextStep, prompt: str, *, width: int, height: int, ima
     """Run the engine with progress and interrupt wired to ComfyUI; returns a LATENT dict."""
     pipe = model.pipe
     grid = check_image_size(width, height, pipe.pixels_per_token)
-    if image is not None:
+    progress = TokenProgress(model.vae, grid, pipe.model.config.latent_patch_size)
+    if image is not None or progress.previews:  # the tokenizer encodes the reference / fits the preview colours
         load_onto_device(model.patcher, model.vae.patcher)
     else:
         load_onto_device(model.patcher)
-    progress = TokenProgress(model.vae, grid, pipe.model.config.latent_patch_size)
     result = pipe.generate(
         prompt, width=width, height=height, negative=negative or None, positive=positive or None,
         num_images=batch_size, cfg=cfg, cfg_img=cfg_img, cfg_schedule=cfg_schedule, sampler=sampler,
