@@ -4,6 +4,8 @@ pixels as NextStep VAE Decode. The tokenizer here is random, full-size (ComfyUI'
 Flux's ch 128, ch_mult [1, 2, 4, 4]), with non-trivial scaling_factor and shift_factor so that a
 wrong latent conversion would show."""
 
+import shutil
+
 import numpy as np
 import pytest
 from comfy_harness import EXAMPLE_IMAGE, needs_comfyui, output_images
@@ -24,7 +26,9 @@ def full_size_tokenizer(comfy):
     native = comfy.base / "models" / "vae"
     native.mkdir(parents=True, exist_ok=True)
     (native / NATIVE_FILE).symlink_to(folder / "checkpoint.safetensors")
-    return TOKENIZER
+    yield TOKENIZER
+    (native / NATIVE_FILE).unlink()
+    shutil.rmtree(folder)  # 330 MB: not worth keeping in pytest's temp folders
 
 
 def test_native_vae_decode_reads_nextstep_latents(comfy, full_size_tokenizer):
