@@ -35,7 +35,7 @@ def fit_preview_factors(vae: LoadedImageTokenizer) -> torch.Tensor:
         weight = next(tokenizer.parameters())
         size = 2 * tokenizer.config.downsample * max(1, tokenizer.config.psz or 1)
         colours = torch.tensor(list(itertools.product(CALIBRATION_LEVELS, repeat=3)))
-        pixels = colours[:, :, None, None].expand(-1, -1, size, size)
+        pixels = colours[:, :, None, None].expand(-1, -1, size, size).contiguous()
         latents = tokenizer.encode(pixels.to(weight.device, weight.dtype)).float().cpu()  # (K, C, h, w)
         c = latents.shape[1]
         x = latents.permute(0, 2, 3, 1).reshape(-1, c)
