@@ -58,6 +58,16 @@ def test_text_to_image_writes_images_of_the_requested_size(comfy):
     assert saved_sizes(comfy, entry, "4") == [(48, 32), (48, 32)]
 
 
+def test_bfloat16_weights_run_end_to_end(comfy):
+    prompt = {"1": loader(dtype="bfloat16"),
+              "2": {"class_type": "LoadImage", "inputs": {"image": EXAMPLE_IMAGE}},
+              "3": {"class_type": "NextStepVAEEncode", "inputs": {"vae": ["1", 1], "pixels": ["2", 0]}},
+              "4": edit(latent=["3", 0], model=("1", 0)), "5": decode("4"), "6": save("5", "bf16")}
+    entry = comfy.run(prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert saved_sizes(comfy, entry, "6") == [EXAMPLE_SIZE]
+
+
 def test_same_seed_same_image_other_seed_other_image(comfy):
     # seed 5, 6, then 5 again: each run changes the node's inputs, so each one samples anew
     images = [comfy.image(output_images(comfy.run(t2i_prompt(seed=seed, prompt="seeds")))["4"][0]).tobytes()
