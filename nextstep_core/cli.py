@@ -23,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--version", default="auto", choices=["auto", "1.0", "1.1"], help="override version detection")
     gen.add_argument("--negative", help="negative prompt (default empty)")
     gen.add_argument("--positive", help="text appended to the caption after a space")
-    gen.add_argument("--width", type=int, help="pixels, a multiple of 16 (default 256, or the input image's)")
-    gen.add_argument("--height", type=int, help="pixels, a multiple of 16 (default 256, or the input image's)")
+    gen.add_argument("--width", type=int, help="pixels, a multiple of 16 (default 256; 64 for the demo model; the input image's when editing)")
+    gen.add_argument("--height", type=int, help="pixels, a multiple of 16 (default 256; 64 for the demo model; the input image's when editing)")
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--cfg", type=float, help="text guidance scale (default: the version's, 7.5)")
     gen.add_argument("--cfg-img", type=float, help="image guidance scale for editing (default 2.0)")
@@ -68,7 +68,8 @@ def run_generate(args) -> list[Path]:
         image = Image.open(args.image).convert("RGB")
     width, height = args.width, args.height
     if image is None:
-        width, height = width or 256, height or 256
+        default = 64 if model == DEMO_MODEL else 256  # the demo model was trained on 64-128 px scenes
+        width, height = width or default, height or default
 
     started = time.perf_counter()
     pipe = NextStepPipeline.from_folder(model, args.vae, version=args.version, dtype=args.dtype, device=args.device)
