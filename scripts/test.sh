@@ -8,4 +8,7 @@ python3 -m venv .venv
 # torch first: the CPU build of 2.13.0 (the ranges in requirements.txt then keep it).
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -r requirements-test.txt
-.venv/bin/python -m pytest -q "$@" tests
+.venv/bin/python -m pytest -q "$@" tests --ignore=tests/comfy
+# The ComfyUI layer, tested inside a real ComfyUI 0.3.75 server (its own venv: .venv-comfy).
+bash scripts/comfy_env.sh
+.venv-comfy/bin/python -m pytest -q tests/comfy
