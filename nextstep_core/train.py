@@ -107,6 +107,23 @@ def random_crops(pixels: torch.Tensor, size: int, rng: np.random.Generator) -> t
     return torch.stack(crops)
 
 
+def resume(path: Path, module: torch.nn.Module, optimizer) -> int:
+    """Load a stage checkpoint into module and optimiser if there is one; returns the step to start from."""
+    state = load_state(path)
+    if state is None:
+        return 0
+    module.load_state_dict(state["weights"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"]
+
+
+def set_learning_rate(optimizer, step: int, steps: int, peak: float, warmup: int) -> None:
+    """Linear warm-up, then cosine decay to zero at `steps`."""
+    rate = peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+    for group in optimizer.param_groups:
+        group["lr"] = rate
+
+
 def reconstruction_loss(decoded: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
     """L1 + L2 + the L1 of horizontal and vertical image gradients (edges)."""
     def grads(x):
@@ -121,12 +138,8 @@ def train_vae(out: Path, steps: int, batch_size: int, seed: int, save_every: int
     torch.manual_seed(seed)
     tokenizer = ImageTokenizer(vae_config(spec))
     optimizer = torch.optim.AdamW(tokenizer.parameters(), lr=1e-3, weight_decay=0.0)
-    path, start = out / "vae.pt", 0
-    state = load_state(path)
-    if state is not None:
-        tokenizer.load_state_dict(state["weights"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
+    path = out / "vae.pt"
+    start = resume(path, tokenizer, optimizer)
     samples = scene_dataset(seed, 4000, SIZES)
     rng = np.random.default_rng(seed + start)
     generator = torch.Generator().manual_seed(seed + start)
@@ -138,8 +151,7 @@ def train_vae(out: Path, steps: int, batch_size: int, seed: int, save_every: int
         strength = torch.rand(mean.shape[0], 1, 1, 1, generator=generator) * NOISE_STRENGTH
         noisy = mean + strength * torch.randn(mean.shape, generator=generator)
         loss = reconstruction_loss(tokenizer.decode(noisy), pixels)
-        for group in optimizer.param_groups:
-            group["lr"] = 1e-3 * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        set_learning_rate(optimizer, step, steps, peak=1e-3, warmup=200)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -239,12 +251,8 @@ def train_model(out: Path, steps: int, batch_size: int, seed: int, save_every: i
     (out / "model_config.json").write_text(json.dumps(config_dict, indent=2))
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01, betas=(0.9, 0.98))
-    path, start = out / "model.pt", 0
-    state = load_state(path)
-    if state is not None:
-        model.load_state_dict(state["weights"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
+    path = out / "model.pt"
+    start = resume(path, model, optimizer)
     examples = build_examples(load_trained_vae(out), seed, scenes, edits, log)
     groups: dict[tuple, list] = {}
     for example in examples:
@@ -259,8 +267,7 @@ def train_model(out: Path, steps: int, batch_size: int, seed: int, save_every: i
         chosen = [groups[key][i] for i in rng.choice(len(groups[key]), size=batch_size, replace=False)]
         batch = make_batch(text_tokenizer, special, chosen, rng)
         losses = training_losses(model, batch, lm_loss_weight=0.01, head_repeats=4, generator=generator)
-        for group in optimizer.param_groups:
-            group["lr"] = 5e-4 * min(1.0, (step + 1) / 300) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        set_learning_rate(optimizer, step, steps, peak=5e-4, warmup=300)
         optimizer.zero_grad()
         losses.total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
