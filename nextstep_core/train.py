@@ -24,7 +24,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -43,20 +43,14 @@ from .vae import ImageTokenizer, VaeConfig, diffusers_keys_to_flux, save_image_t
 SIZES = ((64, 64), (64, 64), (128, 64), (64, 128))
 
 
-@dataclass
-class DemoSpec:
-    """Sizes of the demo model (about 5 M parameters)."""
+DEMO_SIZES = dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
+                  intermediate_size=512, max_position_embeddings=1024, head_dim=256, head_layers=3,
+                  vae_ch=32, vae_ch_mult=(1, 1, 2, 2), vae_res_blocks=1)
 
-    hidden_size: int = 192
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 6
-    num_key_value_heads: int = 2
-    intermediate_size: int = 512
-    head_dim: int = 256
-    head_layers: int = 3
-    vae_ch: int = 32
-    vae_ch_mult: tuple[int, ...] = (1, 1, 2, 2)
-    vae_res_blocks: int = 1
+
+def demo_spec(**overrides) -> TinySpec:
+    """Sizes of the demo model (about 3 M parameters); overrides make smaller ones for tests."""
+    return TinySpec(**{**DEMO_SIZES, **overrides})
 
 
 def pil_batch_to_pixels(images) -> torch.Tensor:
@@ -64,7 +58,7 @@ def pil_batch_to_pixels(images) -> torch.Tensor:
     return torch.from_numpy(arrays).permute(0, 3, 1, 2) / 127.5 - 1
 
 
-def vae_config(spec: DemoSpec) -> VaeConfig:
+def vae_config(spec: TinySpec) -> VaeConfig:
     return VaeConfig.from_dict({"resolution": 64, "ch": spec.vae_ch, "ch_mult": list(spec.vae_ch_mult),
                                 "num_res_blocks": spec.vae_res_blocks, "z_channels": 16},
                                nextstep_1_1_defaults=True)
@@ -134,7 +128,7 @@ def reconstruction_loss(decoded: torch.Tensor, pixels: torch.Tensor) -> torch.Te
 
 
 def train_vae(out: Path, steps: int, batch_size: int, seed: int, save_every: int, log, crop: int = CROP) -> ImageTokenizer:
-    spec = DemoSpec()
+    spec = demo_spec()
     torch.manual_seed(seed)
     tokenizer = ImageTokenizer(vae_config(spec))
     optimizer = torch.optim.AdamW(tokenizer.parameters(), lr=1e-3, weight_decay=0.0)
@@ -163,7 +157,7 @@ def train_vae(out: Path, steps: int, batch_size: int, seed: int, save_every: int
 
 
 def load_trained_vae(out: Path) -> ImageTokenizer:
-    tokenizer = ImageTokenizer(vae_config(DemoSpec()))
+    tokenizer = ImageTokenizer(vae_config(demo_spec()))
     tokenizer.load_state_dict(load_state(out / "vae.pt")["weights"])
     return tokenizer.eval()
 
@@ -229,13 +223,9 @@ def make_batch(text_tokenizer, special: SpecialIds, examples, rng: np.random.Gen
     return TrainingBatch(input_ids, attention_mask, targets, special.placeholder, source_tokens)
 
 
-def new_demo_model(text_tokenizer, spec: DemoSpec, seed: int) -> tuple[NextStepModel, dict]:
+def new_demo_model(text_tokenizer, spec: TinySpec, seed: int) -> tuple[NextStepModel, dict]:
     special = SpecialIds.from_tokenizer(text_tokenizer)
-    tiny = TinySpec(hidden_size=spec.hidden_size, num_hidden_layers=spec.num_hidden_layers,
-                    num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
-                    intermediate_size=spec.intermediate_size, max_position_embeddings=1024,
-                    head_dim=spec.head_dim, head_layers=spec.head_layers)
-    config_dict = tiny_config_dict(tiny, len(text_tokenizer), asdict(special), "1.1")
+    config_dict = tiny_config_dict(spec, len(text_tokenizer), asdict(special), "1.1")
     config_dict.update(lm_loss_weight=0.01, im_loss_weight=1.0, fm_head_batch_mul=4)
     torch.manual_seed(seed)
     return NextStepModel(NextStepConfig.from_dict(config_dict), spec.head_dim, spec.head_layers), config_dict
@@ -243,7 +233,7 @@ def new_demo_model(text_tokenizer, spec: DemoSpec, seed: int) -> tuple[NextStepM
 
 def train_model(out: Path, steps: int, batch_size: int, seed: int, save_every: int, log,
                 scenes: int = 12000, edits: int = 6000) -> NextStepModel:
-    spec = DemoSpec()
+    spec = demo_spec()
     text_folder = write_tiny_tokenizer(out / "text_tokenizer", vocab_size=640)
     text_tokenizer = load_tokenizer(text_folder)
     special = SpecialIds.from_tokenizer(text_tokenizer)
@@ -290,7 +280,7 @@ def export(out: Path, target: Path) -> Path:
     config_dict = json.loads((out / "model_config.json").read_text())
     config_dict["torch_dtype"] = "float16"
     (target / "config.json").write_text(json.dumps(config_dict, indent=2))
-    spec = DemoSpec()
+    spec = demo_spec()
     model = NextStepModel(NextStepConfig.from_dict(config_dict), spec.head_dim, spec.head_layers)
     model.load_state_dict(load_state(out / "model.pt")["weights"])
     tensors = {k: v.half() for k, v in release_state_dict(model).items()}

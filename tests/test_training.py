@@ -8,12 +8,12 @@ from nextstep_core.objective import training_losses
 from nextstep_core.prompt import SpecialIds, load_tokenizer
 from nextstep_core.scenes import edit_dataset, scene_dataset
 from nextstep_core.tiny_tokenizer import write_tiny_tokenizer
-from nextstep_core.train import DemoSpec, make_batch, new_demo_model, pil_batch_to_pixels, reconstruction_loss, vae_config
+from nextstep_core.train import demo_spec, make_batch, new_demo_model, pil_batch_to_pixels, reconstruction_loss, vae_config
 from nextstep_core.vae import ImageTokenizer
 
 
 def small_spec():
-    return DemoSpec(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    return demo_spec(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                     intermediate_size=128, head_dim=64, head_layers=2)
 
 
