@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import safe_open
 from torch import nn
 from transformers import Qwen2Config, Qwen2Model
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
@@ -23,6 +22,8 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 from .checkpoint import ModelFiles, NextStepConfig
 from .errors import NextStepError
 from .head import FlowHead
+from .precision import FP8, Fp8Linear, Precision, parse_precision, use_fp8_linears
+from .stream import SafetensorsFile
 
 DECODER_PREFIXES = ("embed_tokens.", "layers.", "norm.")
 
@@ -134,27 +135,35 @@ def build_empty_model(files: ModelFiles) -> NextStepModel:
                              position_table="gen_pos_embed" in files.tensor_shapes or config.use_gen_pos_embed)
 
 
-def load_model(files: ModelFiles, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> NextStepModel:
+def load_model(files: ModelFiles, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               precision: Precision | str | None = None) -> NextStepModel:
     """Build the model empty, then stream every tensor from the safetensors files into place.
 
-    Each tensor is read from the memory-mapped file, cast to `dtype` and assigned; no full
-    state dict is held. Every checkpoint tensor must land on a model tensor and vice versa.
+    `precision` (a name such as "fp8_e4m3fn", or a Precision) overrides `dtype`. Each tensor is
+    allocated once on `device` in its final dtype and filled from the file with positioned
+    reads (see stream.py), shard by shard: no state dict, no fp32 detour, no mapped pages
+    piling up. fp8 storage quantises the decoder matrices a block of rows at a time; a
+    checkpoint saved already converted (`.weight` in F8_E4M3 + `.weight_scale`) loads as is.
+    Every checkpoint tensor must land on a model tensor and vice versa.
     """
+    precision = parse_precision(dtype if precision is None else precision)
     model = build_empty_model(files)
+    if precision.fp8:
+        use_fp8_linears(model, precision)
     targets = dict(model.named_parameters())
     targets.update(dict(model.named_buffers()))
     expected = {n for n in targets if "rotary_emb" not in n}
     loaded: set[str] = set()
     unexpected: list[str] = []
     for path in files.weight_files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
+        with SafetensorsFile(path) as f:  # one shard open at a time
+            for name in f.names():
                 module_name = checkpoint_name_to_module_name(name)
                 if module_name not in expected:
                     unexpected.append(name)
                     continue
-                assign_tensor(model, module_name, f.get_tensor(name), targets[module_name], dtype, device, path, name)
-                loaded.add(module_name)
+                check_shape(f, name, targets[module_name])
+                loaded.update(load_tensor(model, module_name, f, name, targets[module_name], precision.dtype, device))
     if model.lm_head is not None and "lm_head.weight" not in loaded and model.config.tie_word_embeddings:
         model.lm_head.weight = model.backbone.embed_tokens.weight
         loaded.add("lm_head.weight")
@@ -162,19 +171,38 @@ def load_model(files: ModelFiles, *, dtype: torch.dtype = torch.float32, device:
     if missing or unexpected:
         raise NextStepError(describe_mismatch(files.folder, missing, unexpected))
     rebuild_rotary(model, device)
+    model.precision = precision
     return model.eval()
 
 
-def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor, target: torch.Tensor,
-                  dtype: torch.dtype, device, path: Path, checkpoint_name: str) -> None:
-    if tuple(tensor.shape) != tuple(target.shape):
+def check_shape(f: SafetensorsFile, name: str, target: torch.Tensor) -> None:
+    if tuple(f.shape(name)) != tuple(target.shape):
         raise NextStepError(
-            f"tensor {checkpoint_name} in {path.name} has shape {tuple(tensor.shape)}, the config needs {tuple(target.shape)}; "
+            f"tensor {name} in {f.path.name} has shape {tuple(f.shape(name))}, the config needs {tuple(target.shape)}; "
             "does config.json belong to these weights?"
         )
+
+
+def load_tensor(model: nn.Module, name: str, f: SafetensorsFile, checkpoint_name: str, target: torch.Tensor,
+                dtype: torch.dtype, device) -> list[str]:
+    """Read one checkpoint tensor into the model; returns the model tensor names it filled.
+
+    Integer tensors keep their dtype; fp8 targets keep the file's fp8 or are quantised from it
+    (filling `<module>.weight_scale` too); float tensors take `dtype`.
+    """
     module_path, _, attr = name.rpartition(".")
     module = model.get_submodule(module_path) if module_path else model
-    value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+    if isinstance(module, Fp8Linear) and attr == "weight" and f.dtype(checkpoint_name) != FP8:
+        weight, scale = f.read_fp8(checkpoint_name, device)
+        set_tensor(module, "weight", weight, target)
+        set_tensor(module, "weight_scale", scale, module.weight_scale)
+        return [name, f"{module_path}.weight_scale"]
+    keep_dtype = not target.dtype.is_floating_point or target.dtype == FP8 or attr == "weight_scale"
+    set_tensor(module, attr, f.read(checkpoint_name, target.dtype if keep_dtype else dtype, device), target)
+    return [name]
+
+
+def set_tensor(module: nn.Module, attr: str, value: torch.Tensor, target: torch.Tensor) -> None:
     if isinstance(target, nn.Parameter):
         setattr(module, attr, nn.Parameter(value, requires_grad=False))
     else:

@@ -23,6 +23,8 @@ from transformers import DynamicCache
 from .checkpoint import VersionSettings, inspect_model_folder
 from .errors import NextStepError
 from .model import NextStepModel, load_model, patchify, unpatchify
+from .offload import check_block_swap, enable_block_swap
+from .precision import parse_precision
 from .prompt import IMAGE_MARKER, PLACEHOLDER, PromptRows, build_prompt_rows, load_tokenizer
 from .sampling import CFG_SCHEDULES, SamplerSettings, guidance_scales, normalize_token, sample_token
 from .vae import ImageTokenizer, load_image_tokenizer
@@ -101,15 +103,25 @@ class NextStepPipeline:
 
     @classmethod
     def from_folder(cls, model_folder: str | Path, vae_folder: str | Path | None = None, *, version: str = "auto",
-                    dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> "NextStepPipeline":
-        """Load a model folder as published (and its image tokenizer folder) onto `device` in `dtype`."""
-        dtype = parse_dtype(dtype)
+                    dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+                    precision: str | None = None, block_swap: int = 0) -> "NextStepPipeline":
+        """Load a model folder as published (and its image tokenizer folder) onto `device` in `dtype`.
+
+        precision (bf16, fp16, fp32, fp8_e4m3fn; see precision.py) overrides dtype; fp8 keeps the
+        decoder matrices in fp8 and computes in bfloat16. block_swap keeps that many decoder
+        layers on the CPU and streams them to the compute device when used (offload.py).
+        """
+        precision = parse_precision(parse_dtype(dtype) if precision is None else precision)
+        dtype = precision.dtype
         files = inspect_model_folder(model_folder, vae_folder=vae_folder, version=version)
+        check_block_swap(block_swap, files.config.num_hidden_layers)
         tokenizer = load_tokenizer(files.tokenizer_folder)
         image_tokenizer = load_image_tokenizer(files.vae_folder, nextstep_1_1_defaults=files.version.name == "1.1",
                                                dtype=dtype, device=device)
         check_vae_channels(files.config, image_tokenizer, files.vae_folder)
-        model = load_model(files, dtype=dtype, device=device)
+        model = load_model(files, device=device, precision=precision)
+        if block_swap:
+            enable_block_swap(model, block_swap)
         return cls(model, tokenizer, image_tokenizer, files.version, files.version_reasons)
 
     @property

@@ -42,6 +42,7 @@ class TinySpec:
     vae_res_blocks: int = 1
     shards: int = 2
     tokenizer_bos: bool = False
+    weight_dtype: str = "float32"  # the dtype of the written weights ("bfloat16" like the releases)
 
 
 def sincos_table(grid: int, dim: int) -> torch.Tensor:
@@ -154,7 +155,9 @@ def write_tiny_model(root: str | Path, *, version: str = "1.1", name: str | None
                 torch.nn.init.normal_(p, std=0.2)
     if model.gen_pos_embed is not None:
         model.gen_pos_embed.copy_(sincos_table(32, config.hidden_size) * 0.1)
-    save_sharded(folder, release_state_dict(model), spec.shards)
+    weight_dtype = getattr(torch, spec.weight_dtype)
+    save_sharded(folder, {n: t.to(weight_dtype) if t.is_floating_point() else t
+                          for n, t in release_state_dict(model).items()}, spec.shards)
 
     vae_config = tiny_vae_config(spec, version)
     vae_folder = folder / "vae" if version == "1.1" else root / VAE_FOLDER_1_0

@@ -1,0 +1,177 @@
+"""Weight precision: bf16 / fp16 / fp32, and fp8 (e4m3fn) storage with bf16 compute.
+
+fp8 storage keeps the big matrices of the decoder - every layer's q/k/v/o and gate/up/down
+projections, 97% of NextStep-1's 14.7B parameters - as float8_e4m3fn with one float32 scale
+per output row. Everything else stays in the compute dtype (bfloat16): token embeddings, the
+RMSNorms, lm_head, the image projectors, the flow head and the position table, because they
+are small and sit where rounding hurts most (the head integrates every token's flow).
+
+An `Fp8Linear` upcasts its weight on use: y = (x @ W8^T) * scale + bias, the matmul in the
+compute dtype, so only one layer's upcast weight exists at a time. On GPUs with fp8 matmul
+(compute capability 8.9+) `fp8_matmul` instead quantises the activations per row and calls
+`torch._scaled_mm` on the stored weight directly.
+
+Conversion happens at load time (model.load_model streams the released bf16 tensors into
+`quantize_rows_into`, a block of rows at a time); `save_converted` writes the result back as
+safetensors (`<name>.weight` in F8_E4M3 plus `<name>.weight_scale`), which loads without
+converting again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import NextStepError
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+# The decoder's linear layers that fp8 storage converts (names inside a Qwen2DecoderLayer).
+FP8_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+PRECISION_NAMES = ("auto", "bf16", "fp16", "fp32", "fp8_e4m3fn")
+ALIASES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "fp8": "fp8_e4m3fn", "float8_e4m3fn": "fp8_e4m3fn"}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How weights are stored and computed.
+
+    name: one of bf16, fp16, fp32, fp8_e4m3fn.
+    dtype: the compute dtype, and the storage dtype of everything not in fp8.
+    fp8: decoder linear weights stored as float8_e4m3fn with per-row scales.
+    fp8_matmul: multiply in fp8 where the GPU supports it (else upcast, silently).
+    """
+
+    name: str
+    dtype: torch.dtype
+    fp8: bool = False
+    fp8_matmul: bool = False
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes per parameter of the converted decoder matrices."""
+        return 1 if self.fp8 else torch.tensor([], dtype=self.dtype).element_size()
+
+
+def parse_precision(name: "str | torch.dtype | Precision", *, fp8_matmul: bool = False) -> Precision:
+    """A precision name (or a torch dtype) -> Precision; `auto` is resolved by the caller (memory_plan)."""
+    if isinstance(name, Precision):
+        return name
+    if isinstance(name, torch.dtype):
+        name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(name, str(name))
+    key = ALIASES.get(name, name)
+    if key == "fp8_e4m3fn":
+        return Precision("fp8_e4m3fn", torch.bfloat16, fp8=True, fp8_matmul=fp8_matmul)
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if key not in dtypes:
+        raise NextStepError(f"precision {name!r} is not one of {', '.join(PRECISION_NAMES)}")
+    return Precision(key, dtypes[key])
+
+
+class Fp8Linear(nn.Module):
+    """A Linear whose weight is stored as float8_e4m3fn (out, in) with a float32 scale per row (out,).
+
+    forward: x (..., in) in the compute dtype -> (..., out) in the same dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, compute_dtype: torch.dtype,
+                 fp8_matmul: bool = False, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        self.fp8_matmul = fp8_matmul
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8, device=device), requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=torch.float32, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device=device),
+                                 requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8_matmul and fp8_matmul_available(x.device):
+            return self.forward_scaled_mm(x)
+        y = F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
+        return y + self.bias.to(x.dtype) if self.bias is not None else y
+
+    def forward_scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """fp8 x fp8 matmul: activations quantised per row, weight per row (output column)."""
+        rows = x.reshape(-1, x.shape[-1])
+        x_scale = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+        x8 = (rows.float() / x_scale).to(FP8)
+        y = torch._scaled_mm(x8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale[None].float(),
+                             bias=None, out_dtype=x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8_e4m3fn"
+
+
+def fp8_matmul_available(device: torch.device) -> bool:
+    """torch._scaled_mm with row-wise scales needs a CUDA GPU of compute capability 8.9 or newer."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_linear_names(model: nn.Module) -> list[str]:
+    """Module names (in `model`) of the decoder linears that fp8 storage converts."""
+    layers = model.backbone.layers
+    return [f"backbone.layers.{i}.{name}" for i in range(len(layers)) for name in FP8_LINEARS]
+
+
+def use_fp8_linears(model: nn.Module, precision: Precision) -> None:
+    """Swap the decoder's nn.Linear modules for Fp8Linear ones, on the same device (meta before loading)."""
+    for name in fp8_linear_names(model):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, attr)
+        setattr(parent, attr, Fp8Linear(old.in_features, old.out_features, old.bias is not None, precision.dtype,
+                                        precision.fp8_matmul, device=old.weight.device))
+
+
+def quantize_rows_into(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, start: int) -> None:
+    """Quantise a block of rows (n, in) of a high-precision weight into weight[start:start+n] (fp8) and
+    scale[start:start+n] (float32): scale = max |row| / 448, weight = row / scale. Temporaries: one
+    float32 copy of the block."""
+    block = rows.to(device=weight.device, dtype=torch.float32)
+    row_max = torch.maximum(block.amax(dim=1), -block.amin(dim=1)).clamp(min=1e-12)
+    row_scale = row_max / FP8_MAX
+    block.div_(row_scale[:, None])
+    weight[start:start + block.shape[0]].copy_(block)
+    scale[start:start + block.shape[0]].copy_(row_scale)
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) weight -> (fp8 weight (out, in), float32 scale (out,)); for tests and conversions in memory."""
+    q = torch.empty(weight.shape, dtype=FP8, device=weight.device)
+    s = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    quantize_rows_into(weight, q, s, 0)
+    return q, s
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer of a model (shared tensors once); rotary tables excluded."""
+    seen, total = set(), 0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if "rotary_emb" in name or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def save_converted(model: nn.Module, folder, *, shard_bytes: int = 4 << 30) -> None:
+    """Write a loaded model's weights (fp8 ones as F8_E4M3 + `.weight_scale`) as safetensors shards
+    under their released names, with an index. Copy config.json, the tokenizer files and vae/ beside
+    them to make a model folder `from_folder` loads as it is (no conversion on load)."""
+    from .tiny import save_sharded  # late: tiny imports model, which imports this module
+
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if "rotary_emb" in name or name in tensors:
+            continue
+        tensors[name.removeprefix("backbone.")] = t.detach().to("cpu").contiguous()
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    save_sharded(folder, tensors, max(1, -(-total // shard_bytes)))
