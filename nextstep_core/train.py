@@ -131,21 +131,26 @@ def reconstruction_loss(decoded: torch.Tensor, pixels: torch.Tensor) -> torch.Te
     return F.l1_loss(decoded, pixels) + F.mse_loss(decoded, pixels) + F.l1_loss(dy, ty) + F.l1_loss(dx, tx)
 
 
-def train_vae(out: Path, steps: int, batch_size: int, seed: int, save_every: int, log, crop: int = CROP) -> ImageTokenizer:
+def train_vae(out: Path, steps: int, batch_size: int, seed: int, save_every: int, log, crop: int = CROP,
+              freeze_encoder: bool = False, scenes: int = 4000) -> ImageTokenizer:
+    """The tokenizer stage. With `freeze_encoder` only the decoder learns: the latent space stays
+    fixed, so the model stage can train on the encoder's tokens while the decoder keeps improving."""
     spec = demo_spec()
     torch.manual_seed(seed)
     tokenizer = ImageTokenizer(vae_config(spec))
     optimizer = torch.optim.AdamW(tokenizer.parameters(), lr=1e-3, weight_decay=0.0)
     path = out / "vae.pt"
     start = resume(path, tokenizer, optimizer)
-    samples = scene_dataset(seed, 4000, SIZES)
+    tokenizer.autoencoder.encoder.requires_grad_(not freeze_encoder)  # AdamW skips parameters without gradients
+    samples = scene_dataset(seed, scenes, SIZES)
     rng = np.random.default_rng(seed + start)
     generator = torch.Generator().manual_seed(seed + start)
     batches = grouped_batches(samples, batch_size, rng)
     began = time.perf_counter()
     for step in range(start, steps):
         pixels = random_crops(pil_batch_to_pixels([image for image, _ in next(batches)]), crop, rng)
-        mean, _ = tokenizer.posterior(pixels)
+        with torch.set_grad_enabled(not freeze_encoder):
+            mean, _ = tokenizer.posterior(pixels)
         strength = torch.rand(mean.shape[0], 1, 1, 1, generator=generator) * NOISE_STRENGTH
         noisy = mean + strength * torch.randn(mean.shape, generator=generator)
         loss = reconstruction_loss(tokenizer.decode(noisy), pixels)
@@ -305,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--crop", type=int, default=CROP, help="tokenizer stage: train on crops of this size (64: whole scenes)")
+    parser.add_argument("--freeze-encoder", action="store_true",
+                        help="tokenizer stage: train the decoder only (the latent space the model stage sees stays fixed)")
     parser.add_argument("--to", default=str(Path(__file__).parent / "demo_model"), help="export target folder")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -317,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
             f.write(message + "\n")
 
     if args.stage == "vae":
-        train_vae(out, args.steps, args.batch_size, args.seed, args.save_every, log, crop=args.crop)
+        train_vae(out, args.steps, args.batch_size, args.seed, args.save_every, log, crop=args.crop,
+                  freeze_encoder=args.freeze_encoder)
     elif args.stage == "model":
         train_model(out, args.steps, args.batch_size, args.seed, args.save_every, log)
     else:

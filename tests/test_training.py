@@ -77,3 +77,18 @@ def test_tokenizer_reconstruction_step_lowers_the_loss():
         loss().backward()
         optimizer.step()
     assert loss().item() < before
+
+
+def test_decoder_only_tokenizer_training_keeps_the_latent_space(tmp_path):
+    """`train vae --freeze-encoder` resumes the stage and changes the decoder only."""
+    from nextstep_core.train import load_trained_vae, train_vae
+
+    train_vae(tmp_path, steps=1, batch_size=2, seed=0, save_every=1, log=print, crop=32, scenes=8)
+    first = load_trained_vae(tmp_path).autoencoder
+    train_vae(tmp_path, steps=3, batch_size=2, seed=0, save_every=1, log=print, crop=32, freeze_encoder=True,
+              scenes=8)
+    second = load_trained_vae(tmp_path).autoencoder
+    assert torch.load(tmp_path / "vae.pt", weights_only=True)["step"] == 3
+    for (name, before), after in zip(first.encoder.state_dict().items(), second.encoder.state_dict().values()):
+        assert torch.equal(before, after), name
+    assert not torch.equal(first.decoder.conv_out.weight, second.decoder.conv_out.weight)
