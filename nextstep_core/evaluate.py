@@ -38,18 +38,20 @@ def held_out_edits(count: int, size=(64, 64)):
     return [random_edit(rng, random_scene(rng, *size)) for _ in range(count)]
 
 
-def tokenizer_psnr(pipe: NextStepPipeline, scenes) -> float:
-    """Mean PSNR (dB) of encode -> decode on rendered scenes."""
-    values = []
+def tokenizer_reconstruction(image_tokenizer, scenes, dtype=torch.float32) -> dict:
+    """Encode -> decode rendered scenes: mean PSNR (dB), and the checker's score on the
+    reconstructions against the scenes' captions (the ceiling for the model's caption score)."""
+    psnr, scores = [], []
     for scene in scenes:
         image = np.asarray(render(scene), dtype=np.float32) / 255
-        pixels = torch.from_numpy(image).permute(2, 0, 1)[None].to(pipe.dtype) * 2 - 1
+        pixels = torch.from_numpy(image).permute(2, 0, 1)[None].to(dtype) * 2 - 1
         with torch.no_grad():
-            out = pipe.image_tokenizer.decode(pipe.image_tokenizer.encode(pixels))
+            out = image_tokenizer.decode(image_tokenizer.encode(pixels))
         recon = ((out.float()[0].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy()
         mse = float(np.mean((recon - image) ** 2))
-        values.append(10 * math.log10(1 / max(mse, 1e-10)))
-    return float(np.mean(values))
+        psnr.append(10 * math.log10(1 / max(mse, 1e-10)))
+        scores.append(score(Image.fromarray((recon * 255).round().astype(np.uint8)), caption(scene)))
+    return {"psnr_db": float(np.mean(psnr)), "checker_score": float(np.mean(scores))}
 
 
 def evaluate(pipe: NextStepPipeline, *, captions: int = 100, edits: int = 50, seed: int = 0, batch: int = 10,
@@ -72,7 +74,7 @@ def evaluate(pipe: NextStepPipeline, *, captions: int = 100, edits: int = 50, se
         "caption_score": float(np.mean(t2i_scores)),
         "caption_all_right": float(np.mean([s >= 0.999 for s in t2i_scores])),
         "edit_score": float(np.mean(edit_scores)) if edit_scores else None,
-        "tokenizer_psnr_db": tokenizer_psnr(pipe, scenes[:50]),
+        **{f"tokenizer_{k}": v for k, v in tokenizer_reconstruction(pipe.image_tokenizer, scenes[:50], pipe.dtype).items()},
         "captions": captions, "edits": edits, "seconds": round(time.perf_counter() - started, 1),
         "settings": {k: v for k, v in sampling.items()},
         "_samples": samples, "_texts": texts,
