@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from .errors import NextStepError
+from .sampling import SAMPLERS
 
 DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
 
@@ -29,10 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cfg", type=float, help="text guidance scale (default: the version's, 7.5)")
     gen.add_argument("--cfg-img", type=float, help="image guidance scale for editing (default 2.0)")
     gen.add_argument("--cfg-schedule", default="constant", choices=["constant", "linear"])
-    gen.add_argument("--steps", type=int, help="head evaluations per token (default: 50 for 1.0, 28 for 1.1)")
+    gen.add_argument("--steps", type=int, help="sampler steps per token (default: 50 for 1.0, 28 for 1.1; the few-step "
+                     "samplers' own: heun 4, midpoint 4, dpm2m 8, dpm2m_sde 8)")
     gen.add_argument("--shift", type=float, help="time shift (default: 1.0; 3.2 for 1.0 editing)")
-    gen.add_argument("--sampler", default="auto", choices=["auto", "euler_maruyama", "sde", "cps", "ode"])
-    gen.add_argument("--noise-level", type=float, default=0.8, help="for the sde and cps samplers")
+    gen.add_argument("--sampler", default="auto", choices=["auto", *SAMPLERS],
+                     help="auto: the model's own (euler_maruyama for 1.0, sde for 1.1); heun, midpoint, dpm2m, "
+                          "dpm2m_sde: few-step samplers (fewer head evaluations per token)")
+    gen.add_argument("--noise-level", type=float, default=0.8, help="for the sde, cps and dpm2m_sde samplers")
     gen.add_argument("--use-norm", action=argparse.BooleanOptionalAction, default=None,
                      help="layer-normalise each token (default: on for 1.0, off for 1.1)")
     gen.add_argument("--velocity-norm", action="store_true", help="clamp the guided velocity's norm (1.1 option)")

@@ -116,3 +116,67 @@ class FlowHead(nn.Module):
         x_t = t[:, None] * tokens + (1 - t[:, None]) * noise
         velocity = self.net(x_t, t, condition)
         return (velocity.float() - (tokens - noise).float()).pow(2).mean()
+
+
+class TokenHead:
+    """A FlowNet prepared for fast sampling: what is constant while one token is sampled is
+    computed once, so each sampler step runs only the per-step part of the net.
+
+    Constant per generation: the time embeddings of the sampler's evaluation times (one per
+    step, `rows` rows each, computed exactly as the net would). Constant per token: the
+    condition embedding, and every block's AdaLN modulation (shift, 1 + scale, gate) for all
+    steps. With `exact=True` each step's modulation is its own (rows, dim) product, as in the
+    net, so the results are the net's bits; `exact=False` computes all steps in one
+    (steps * rows, dim) product, reading each AdaLN weight once per token instead of once per
+    step (a matmul's rounding depends on its row count: differences ~1e-7 relative).
+
+    Shapes: condition (rows, cond_dim); x (rows, token_dim); step i indexes `times`.
+    """
+
+    def __init__(self, net: FlowNet, times: torch.Tensor, rows: int, dtype: torch.dtype, exact: bool = True):
+        self.net = net
+        self.exact = exact
+        self.dtype = dtype
+        # (steps, rows, dim): the time embedding of each evaluation time, one (rows,) batch each
+        self.time_embeddings = torch.stack([net.time_embed(t.expand(rows).to(dtype)) for t in times])
+        self.blocks: list[tuple[list[torch.Tensor], ...]] = []
+        self.final: tuple[list[torch.Tensor], ...] = ()
+        pair = lambda linear: (linear.weight, linear.bias)  # noqa: E731
+        self.weights = (
+            pair(net.input_proj),
+            [(pair(b.in_ln), pair(b.mlp[0]), pair(b.mlp[2])) for b in net.res_blocks],
+            pair(net.final_layer.linear),
+        )
+
+    def set_condition(self, condition: torch.Tensor) -> None:
+        """Precompute every step's modulations for one token's head conditions (rows, cond_dim)."""
+        y = self.time_embeddings + self.net.cond_embed(condition)  # (steps, rows, dim)
+        activated = F.silu(y)
+        self.blocks = []
+        for block in self.net.res_blocks:
+            shift, scale, gate = self.modulation(block.adaLN_modulation[1], activated).chunk(3, dim=-1)
+            self.blocks.append((shift.unbind(0), (1 + scale).unbind(0), gate.unbind(0)))
+        shift, scale = self.modulation(self.net.final_layer.adaLN_modulation[1], activated).chunk(2, dim=-1)
+        self.final = (shift.unbind(0), (1 + scale).unbind(0))
+
+    def modulation(self, linear: nn.Linear, activated: torch.Tensor) -> torch.Tensor:
+        """(steps, rows, dim) -> (steps, rows, out) = linear applied to every step."""
+        steps, rows, dim = activated.shape
+        if not self.exact:
+            return F.linear(activated.reshape(steps * rows, dim), linear.weight, linear.bias).reshape(steps, rows, -1)
+        # one (rows, dim) product per step, as the net computes it: a matmul's rounding can
+        # depend on how many rows it is given, so batching the steps would change the bits
+        return torch.stack([F.linear(a, linear.weight, linear.bias) for a in activated.unbind(0)])
+
+    def velocity(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        """The net's output (rows, token_dim) for state x (rows, token_dim) at evaluation `step`.
+
+        The net's own operations in its order, called as functions (no module dispatch)."""
+        weights = self.weights
+        h = F.linear(x, *weights[0])
+        for (ln, up, down), (shift, scale, gate) in zip(weights[1], self.blocks):
+            modulated = F.layer_norm(h, h.shape[-1:], *ln, eps=1e-6) * scale[step] + shift[step]
+            h = h + gate[step] * F.linear(F.silu(F.linear(modulated, *up)), *down)
+        shift, scale = self.final
+        h = F.layer_norm(h, h.shape[-1:], eps=1e-6) * scale[step] + shift[step]
+        return F.linear(h, *weights[2])

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -21,23 +20,21 @@ from PIL import Image
 from transformers import DynamicCache
 
 from .checkpoint import VersionSettings, inspect_model_folder
+from .decode import DecodeRequest, GenerationInterrupted, ProgressCallback, decode_tokens
 from .errors import NextStepError
 from .model import NextStepModel, load_model, patchify, unpatchify
 from .offload import check_block_swap, enable_block_swap
 from .precision import parse_precision
 from .prompt import IMAGE_MARKER, PLACEHOLDER, PromptRows, build_prompt_rows, load_tokenizer
-from .sampling import CFG_SCHEDULES, SamplerSettings, guidance_scales, normalize_token, sample_token
+from .reference_loop import decode_tokens_reference
+from .sampling import CFG_SCHEDULES, RECOMMENDED_STEPS, SamplerSettings
 from .vae import ImageTokenizer, load_image_tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
-# callback(tokens_done, tokens_total, tokens (images, tokens_done, 64)) -> False to stop
-ProgressCallback = Callable[[int, int, torch.Tensor], "bool | None"]
-
-
-class GenerationInterrupted(RuntimeError):
-    """The progress callback asked to stop."""
+LOOPS = ("fast", "reference")
+__all__ = ["NextStepPipeline", "GenerationResult", "GenerationInterrupted", "ProgressCallback", "LOOPS"]
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -104,14 +101,15 @@ class NextStepPipeline:
     @classmethod
     def from_folder(cls, model_folder: str | Path, vae_folder: str | Path | None = None, *, version: str = "auto",
                     dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-                    precision: str | None = None, block_swap: int = 0) -> "NextStepPipeline":
+                    precision: str | None = None, block_swap: int = 0,
+                    fp8_compute: torch.dtype = torch.bfloat16) -> "NextStepPipeline":
         """Load a model folder as published (and its image tokenizer folder) onto `device` in `dtype`.
 
         precision (bf16, fp16, fp32, fp8_e4m3fn; see precision.py) overrides dtype; fp8 keeps the
-        decoder matrices in fp8 and computes in bfloat16. block_swap keeps that many decoder
+        decoder matrices in fp8 and computes in `fp8_compute` (bfloat16). block_swap keeps that many decoder
         layers on the CPU and streams them to the compute device when used (offload.py).
         """
-        precision = parse_precision(parse_dtype(dtype) if precision is None else precision)
+        precision = parse_precision(parse_dtype(dtype) if precision is None else precision, fp8_compute=fp8_compute)
         dtype = precision.dtype
         files = inspect_model_folder(model_folder, vae_folder=vae_folder, version=version)
         check_block_swap(block_swap, files.config.num_hidden_layers)
@@ -138,11 +136,15 @@ class NextStepPipeline:
 
     def sampler_settings(self, sampler: str = "auto", steps: int | None = None, shift: float | None = None,
                          noise_level: float = 0.8, velocity_norm: bool = False, editing: bool = False) -> SamplerSettings:
-        """The version's defaults where an option is left as auto/None."""
+        """The version's defaults where an option is left as auto/None (a few-step sampler's
+        steps default to its RECOMMENDED_STEPS)."""
         v = self.version
+        name = v.sampler if sampler == "auto" else sampler
+        if steps is None:
+            steps = RECOMMENDED_STEPS.get(name, v.edit_steps if editing else v.steps)
         settings = SamplerSettings(
-            name=v.sampler if sampler == "auto" else sampler,
-            steps=(v.edit_steps if editing else v.steps) if steps is None else steps,
+            name=name,
+            steps=steps,
             shift=(v.edit_shift if editing else v.shift) if shift is None else shift,
             noise_level=noise_level, velocity_norm=velocity_norm,
         )
@@ -172,12 +174,20 @@ class NextStepPipeline:
         seed: int = 0,
         callback: ProgressCallback | None = None,
         decode: bool = True,
+        loop: str = "fast",
+        exact: bool = True,
+        compile: bool = False,
     ) -> GenerationResult:
         """Text-to-image, or editing when `image` is given (the prompt holds one `<image>` marker).
 
         width/height default to the input image's size when editing. Options left as None take
         the checkpoint version's defaults (see checkpoint.VersionSettings). Raises NextStepError
         for bad input before any model work.
+
+        Speed options (decode.py): loop "fast" (default) or "reference" (the contract line by
+        line, for comparison); exact=False lets the fast loop read each head modulation weight
+        once per token instead of once per step (float rounding differs); compile=True
+        torch.compiles the head step (CUDA graphs on CUDA; off by default).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         editing = image is not None
@@ -187,6 +197,8 @@ class NextStepPipeline:
         use_norm = v.use_norm if use_norm is None else use_norm
         settings = self.sampler_settings(sampler, steps, shift, noise_level, velocity_norm, editing)
         pixels = self.check_request(prompts, image, cfg, cfg_img, cfg_schedule, num_images)
+        if loop not in LOOPS:
+            raise NextStepError(f"loop {loop!r} is not one of {', '.join(LOOPS)}")
         if width is None and height is None and pixels is not None:
             height, width = pixels.shape[-2:]
         if width is None or height is None:
@@ -200,15 +212,18 @@ class NextStepPipeline:
             prepend_bos=v.prepend_bos,
         )
         self.check_sequence_length(rows, token_grid)
-        branches = rows.branches
 
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         image_tokens = None
         if pixels is not None:
             image_tokens = self.encode_edit_image(pixels, int(rows.image_rows.sum()), generator, seed)
         hidden, cache, mask = self.prefill(rows, image_tokens)
-        tokens = self.decode_tokens(hidden, cache, mask, rows, branches, token_grid, num_images, len(prompts),
-                                    cfg, cfg_img, cfg_schedule, settings, use_norm, generator, callback)
+        request = DecodeRequest(rows, token_grid, num_images, len(prompts), cfg, cfg_img, cfg_schedule, settings,
+                                use_norm, generator, callback)
+        if loop == "reference":
+            tokens = decode_tokens_reference(self.model, self.version, hidden, cache, mask, request)
+        else:
+            tokens = decode_tokens(self.model, self.version, hidden, cache, mask, request, exact=exact, compile=compile)
         latents = unpatchify(tokens, token_grid, self.model.config.latent_patch_size)
         images = None
         if decode:
@@ -281,42 +296,6 @@ class NextStepPipeline:
         out = self.model.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                   past_key_values=cache, use_cache=True)
         return out.last_hidden_state[:, -1], cache, mask
-
-    def decode_tokens(self, hidden, cache, mask, rows: PromptRows, branches, token_grid, num_images, num_prompts,
-                      cfg, cfg_img, cfg_schedule, settings, use_norm, generator, callback) -> torch.Tensor:
-        """The autoregressive loop: one token per image per iteration, fed back through the cache."""
-        num_tokens = token_grid[0] * token_grid[1]
-        images = num_prompts * num_images
-        token_dim = self.model.config.token_dim
-        state_dtype = torch.float32 if self.version.noise_in_float32 else self.dtype
-        tokens = torch.empty(images, num_tokens, token_dim, device=self.device, dtype=self.dtype)
-        length = rows.input_ids.shape[1]
-
-        def draw_noise() -> torch.Tensor:
-            if self.version.shared_noise_across_prompts:
-                block = torch.randn(num_images, token_dim, generator=generator, dtype=state_dtype)
-                return block.repeat(num_prompts, 1).to(self.device)
-            return torch.randn(images, token_dim, generator=generator, dtype=state_dtype).to(self.device)
-
-        for k in range(num_tokens):
-            condition = self.model.head_condition(hidden, k)
-            scale, scale_img = guidance_scales(k, num_tokens, cfg, cfg_img, cfg_schedule, self.version.rising_linear_schedule)
-            token = sample_token(self.model.image_head.net, condition, branches=branches, cfg=scale, cfg_img=scale_img,
-                                 settings=settings, noise=draw_noise, state_dtype=state_dtype)
-            if use_norm:
-                token = normalize_token(token)
-            tokens[:, k] = token
-            if callback is not None and callback(k + 1, num_tokens, tokens[:, : k + 1]) is False:
-                raise GenerationInterrupted(f"stopped after {k + 1} of {num_tokens} tokens")
-            if k + 1 == num_tokens:
-                break
-            embed = self.model.image_in_projector(token).repeat(len(branches), 1)[:, None]
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            position = torch.full((mask.shape[0], 1), length + k, device=self.device)
-            out = self.model.backbone(inputs_embeds=embed, attention_mask=mask, position_ids=position,
-                                      past_key_values=cache, use_cache=True)
-            hidden = out.last_hidden_state[:, -1]
-        return tokens
 
 
 def check_vae_channels(config, image_tokenizer: ImageTokenizer, vae_folder) -> None:

@@ -9,6 +9,14 @@ Samplers:
   consecutive points, then a deterministic Euler step of 0.04. `steps` head evaluations.
 - `sde`, `cps`, `ode` (NextStep-1.1): `steps` points k/steps, shifted, then 1.0; each step
   predicts the noise x0 and data x1 and moves between them. `steps` head evaluations.
+
+Few-step samplers (this project's; opt-in, same grid as 1.1, see solvers.py):
+- `heun`: 2nd-order flow ODE (Euler predictor, trapezoid corrector): 2 * steps head evaluations.
+- `midpoint`: 2nd-order flow ODE (explicit midpoint): 2 * steps head evaluations.
+- `dpm2m`: DPM-Solver++(2M) for the flow's data prediction x1 = x + (1 - t) v, deterministic,
+  one head evaluation per step (2nd order from the previous step's x1).
+- `dpm2m_sde`: its stochastic form (noise_level = eta: 0 gives dpm2m, 1 the full SDE).
+`head_evaluations(settings)` gives the count; RECOMMENDED_STEPS the preset step counts.
 """
 
 from __future__ import annotations
@@ -23,7 +31,11 @@ import torch.nn.functional as F
 from .errors import NextStepError
 
 LAST_STEP_SIZE = 0.04
-SAMPLERS = ("euler_maruyama", "sde", "cps", "ode")
+CONTRACT_SAMPLERS = ("euler_maruyama", "sde", "cps", "ode")
+FEW_STEP_SAMPLERS = ("heun", "midpoint", "dpm2m", "dpm2m_sde")
+SAMPLERS = CONTRACT_SAMPLERS + FEW_STEP_SAMPLERS
+# Step counts for the few-step samplers when `steps` is left to the default (benchmarks/README.md).
+RECOMMENDED_STEPS = {"heun": 4, "midpoint": 4, "dpm2m": 8, "dpm2m_sde": 8}
 CFG_SCHEDULES = ("constant", "linear")
 
 # Guidance branches, in row order (see prompt.py): the conditional row first.
@@ -34,9 +46,10 @@ COND, UNCOND_TEXT, UNCOND_IMAGE = "cond", "uncond_text", "uncond_image"
 class SamplerSettings:
     """How to sample each token.
 
-    name: one of SAMPLERS. steps: head evaluations per token (>= 1). shift: time shift s,
-    t' = t / (s - (s - 1) t). noise_level: for `sde` / `cps`. velocity_norm: clamp the guided
-    velocity's norm to the conditional one's (1.1 option).
+    name: one of SAMPLERS. steps: grid steps per token (>= 1; head evaluations per token for
+    all but heun and midpoint, see head_evaluations). shift: time shift s,
+    t' = t / (s - (s - 1) t). noise_level: for `sde` / `cps` / `dpm2m_sde`. velocity_norm:
+    clamp the guided velocity's norm to the conditional one's (1.1 option).
     """
 
     name: str = "euler_maruyama"
@@ -118,6 +131,25 @@ def normalize_token(token: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(token, token.shape[-1:], eps=1e-6)
 
 
+def head_evaluations(settings: SamplerSettings) -> int:
+    """Head evaluations per token (each on every guidance branch at once)."""
+    if settings.name in ("heun", "midpoint"):
+        return 2 * settings.steps
+    return settings.steps
+
+
+def evaluation_times(settings: SamplerSettings) -> torch.Tensor:
+    """(head_evaluations,) float32: the times at which the sampler evaluates the head, in order."""
+    grid = time_grid(settings.name, settings.steps, settings.shift)
+    if settings.name == "euler_maruyama":
+        return grid
+    if settings.name == "heun":
+        return torch.stack([grid[:-1], grid[1:]], dim=1).reshape(-1)
+    if settings.name == "midpoint":
+        return torch.stack([grid[:-1], grid[:-1] + (grid[1:] - grid[:-1]) / 2], dim=1).reshape(-1)
+    return grid[:-1]
+
+
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[], torch.Tensor]
 
@@ -160,6 +192,17 @@ def flow_step_sampler(velocity: VelocityFn, noise: NoiseFn, settings: SamplerSet
     return x
 
 
+def run_sampler(velocity: VelocityFn, noise: NoiseFn, settings: SamplerSettings) -> torch.Tensor:
+    """One token's state (n, D): the sampler named by settings, from its initial noise draw."""
+    if settings.name == "euler_maruyama":
+        return euler_maruyama(velocity, noise, settings)
+    if settings.name in CONTRACT_SAMPLERS:
+        return flow_step_sampler(velocity, noise, settings)
+    from .solvers import FEW_STEP_SOLVERS
+
+    return FEW_STEP_SOLVERS[settings.name](velocity, noise, settings)
+
+
 def sample_token(
     net,
     condition: torch.Tensor,
@@ -194,5 +237,4 @@ def sample_token(
             guided = clamp_velocity_norm(guided, raw[: guided.shape[0]])
         return guided
 
-    sampler = euler_maruyama if settings.name == "euler_maruyama" else flow_step_sampler
-    return sampler(guided_velocity, noise, settings).to(condition.dtype)
+    return run_sampler(guided_velocity, noise, settings).to(condition.dtype)

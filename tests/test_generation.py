@@ -147,7 +147,7 @@ def test_samplers_all_run(pipe_1_1):
         (dict(width=32, height=32, cfg_img=0.0), "cfg_img 0.0 must be >= 1"),
         (dict(width=32, height=32, steps=0), "steps 0 must be a whole number >= 1"),
         (dict(width=32, height=32, num_images=0), "number of images 0 must be a whole number >= 1"),
-        (dict(width=32, height=32, sampler="heun"), "sampler 'heun' is not one of"),
+        (dict(width=32, height=32, sampler="rk4"), "sampler 'rk4' is not one of"),
         (dict(width=32, height=32, cfg_schedule="cosine"), "cfg schedule 'cosine' is not one of constant, linear"),
     ],
 )

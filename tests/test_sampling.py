@@ -198,7 +198,7 @@ def test_sample_token_uses_one_head_batch_and_counts_draws():
 def test_sampler_settings_errors():
     with pytest.raises(NextStepError, match="steps 0 must be a whole number >= 1"):
         SamplerSettings("sde", steps=0).validate()
-    with pytest.raises(NextStepError, match="sampler 'heun' is not one of"):
-        SamplerSettings("heun").validate()
+    with pytest.raises(NextStepError, match="sampler 'rk4' is not one of"):
+        SamplerSettings("rk4").validate()
     with pytest.raises(NextStepError, match="shift -1"):
         SamplerSettings("sde", shift=-1).validate()

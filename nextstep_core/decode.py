@@ -1,0 +1,203 @@
+"""The token loop: one image token per image per iteration, fed back through the KV cache.
+
+Two implementations share `DecodeRequest` and the noise stream (`NoiseStream`):
+- `reference_loop.decode_tokens_reference`: the contract, line by line (kept for tests and
+  benchmarks to compare against);
+- `decode_tokens` (here, the default): the same arithmetic with everything that is constant
+  while one token is sampled computed once (head.TokenHead: time embeddings per generation;
+  condition embedding and AdaLN modulations of all steps per token), the attention mask and
+  positions allocated once, and an optional compiled head step. On CPU with `exact=True` it
+  gives the reference's tokens bit for bit (tests/test_fast_decode.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .errors import NextStepError
+from .head import TokenHead
+from .prompt import PromptRows
+from .fast_samplers import prepare_sampler
+from .sampling import (UNCOND_TEXT, SamplerSettings, clamp_velocity_norm, evaluation_times, guidance_scales,
+                       normalize_token)
+
+# callback(tokens_done, tokens_total, tokens (images, tokens_done, 64)) -> False to stop
+ProgressCallback = Callable[[int, int, torch.Tensor], "bool | None"]
+
+
+class GenerationInterrupted(RuntimeError):
+    """The progress callback asked to stop."""
+
+
+@dataclass
+class DecodeRequest:
+    """Everything the token loop needs besides the model.
+
+    rows: the prompt rows (rows = branches * prompts * images_per_prompt, branch-major).
+    token_grid: (rows, cols) of image tokens. scales: cfg, cfg_img and their schedule.
+    """
+
+    rows: PromptRows
+    token_grid: tuple[int, int]
+    num_images: int
+    num_prompts: int
+    cfg: float
+    cfg_img: float
+    cfg_schedule: str
+    settings: SamplerSettings
+    use_norm: bool
+    generator: torch.Generator
+    callback: ProgressCallback | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_grid[0] * self.token_grid[1]
+
+    @property
+    def images(self) -> int:
+        return self.num_prompts * self.num_images
+
+    @property
+    def branches(self) -> list[str]:
+        return self.rows.branches
+
+
+class NoiseStream:
+    """Draws (images, token_dim) noise blocks from the generator in the contract's order/shapes.
+
+    shared_across_prompts (1.0): one (images_per_prompt, D) block repeated for every prompt;
+    otherwise (1.1) one row per image. Drawn on the CPU in `dtype`, then moved to `device`.
+    """
+
+    def __init__(self, request: DecodeRequest, token_dim: int, dtype: torch.dtype, device, shared_across_prompts: bool):
+        self.generator = request.generator
+        self.shape = (request.num_images if shared_across_prompts else request.images, token_dim)
+        self.repeats = request.num_prompts if shared_across_prompts else 1
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+    def __call__(self) -> torch.Tensor:
+        block = torch.randn(self.shape, generator=self.generator, dtype=self.dtype)
+        if self.repeats > 1:
+            block = block.repeat(self.repeats, 1)
+        return block if self.device.type == "cpu" else block.to(self.device)
+
+
+def report_progress(request: DecodeRequest, tokens: torch.Tensor, done: int) -> None:
+    if request.callback is not None and request.callback(done, request.num_tokens, tokens[:, :done]) is False:
+        raise GenerationInterrupted(f"stopped after {done} of {request.num_tokens} tokens")
+
+
+class GuidedVelocity:
+    """velocity(x, t) for the samplers, backed by a TokenHead: the i-th call uses the i-th
+    precomputed evaluation time (samplers evaluate their `evaluation_times` in order)."""
+
+    def __init__(self, head: TokenHead, branches: list[str], settings: SamplerSettings, state_dtype: torch.dtype,
+                 step_fn=None):
+        self.head = head
+        self.branches = branches
+        self.num_branches = len(branches)
+        self.velocity_norm = settings.velocity_norm and self.num_branches > 1
+        self.state_dtype = state_dtype
+        self.step_fn = step_fn or head.velocity
+        self.cfg = self.cfg_img = 1.0
+        self.calls = 0
+
+    def combine(self, raw: torch.Tensor, n: int) -> torch.Tensor:
+        """sampling.combine_guidance's arithmetic on row slices (no chunk/dict per step)."""
+        if self.num_branches == 1:
+            return raw
+        if self.num_branches == 3:
+            v1, v2, v3 = raw[:n], raw[n:2 * n], raw[2 * n:]
+            return v3 + self.cfg_img * (v2 - v3) + self.cfg * (v1 - v2)
+        scale = self.cfg if self.branches[1] == UNCOND_TEXT else self.cfg_img
+        v1, v2 = raw[:n], raw[n:]
+        return v2 + scale * (v1 - v2)
+
+    def start_token(self, condition: torch.Tensor, cfg: float, cfg_img: float) -> None:
+        self.head.set_condition(condition)
+        self.cfg, self.cfg_img = cfg, cfg_img
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        step = self.calls
+        self.calls += 1
+        n = x.shape[0]
+        if x.dtype != self.head.dtype:
+            x = x.to(self.head.dtype)
+        raw = self.step_fn(x.expand(self.num_branches, *x.shape).reshape(self.num_branches * n, -1), step)
+        if raw.dtype != self.state_dtype:
+            raw = raw.to(self.state_dtype)
+        guided = self.combine(raw, n)
+        if self.velocity_norm:
+            guided = clamp_velocity_norm(guided, raw[: guided.shape[0]])
+        return guided
+
+
+class StepMask:
+    """The attention mask over prompt + image tokens, allocated once: (rows, L + tokens) with the
+    prompt's padding mask in front and ones after; `upto(k)` is the view for k image tokens fed."""
+
+    def __init__(self, prompt_mask: torch.Tensor, num_tokens: int):
+        rows, length = prompt_mask.shape
+        self.full = prompt_mask.new_ones(rows, length + num_tokens)
+        self.full[:, :length] = prompt_mask
+        self.length = length
+        self.positions = torch.arange(length, length + num_tokens, device=prompt_mask.device).view(-1, 1, 1)
+        self.positions = self.positions.expand(num_tokens, rows, 1)
+
+    def upto(self, fed: int) -> torch.Tensor:
+        return self.full[:, : self.length + fed]
+
+
+def compiled_step(head: TokenHead, mode: str | None):
+    """torch.compile of the head's per-step evaluation (on CUDA, mode "reduce-overhead" uses CUDA graphs)."""
+    try:
+        return torch.compile(head.velocity, mode=mode, dynamic=False)
+    except Exception as exc:  # torch.compile is unavailable on some platforms
+        raise NextStepError(f"compile=True failed ({exc}); run with compile=False") from exc
+
+
+@torch.no_grad()
+def decode_tokens(model, version, hidden: torch.Tensor, cache, mask: torch.Tensor, request: DecodeRequest, *,
+                  exact: bool = True, compile: bool = False) -> torch.Tensor:
+    """The fast token loop. hidden (rows, hidden) is the prefill's last hidden state; returns
+    tokens (images, num_tokens, token_dim) in the model's dtype.
+
+    exact: AdaLN modulations as per-step products (CPU: the reference's bits); False reads
+    each modulation weight once per token (float rounding differs). compile: torch.compile
+    the head step (off by default; on CUDA it also captures CUDA graphs).
+    """
+    dtype = model.image_in_projector.weight.dtype
+    device = hidden.device
+    token_dim = model.config.token_dim
+    settings = request.settings
+    state_dtype = torch.float32 if version.noise_in_float32 else dtype
+    noise = NoiseStream(request, token_dim, state_dtype, device, version.shared_noise_across_prompts)
+    head = TokenHead(model.image_head.net, evaluation_times(settings).to(device), hidden.shape[0], dtype, exact=exact)
+    step_fn = compiled_step(head, "reduce-overhead" if device.type == "cuda" else None) if compile else None
+    velocity = GuidedVelocity(head, request.branches, settings, state_dtype, step_fn)
+    sample = prepare_sampler(settings)
+    steps = StepMask(mask, request.num_tokens)
+    tokens = torch.empty(request.images, request.num_tokens, token_dim, device=device, dtype=dtype)
+    num_branches = len(request.branches)
+    for k in range(request.num_tokens):
+        condition = model.head_condition(hidden, k)
+        scale, scale_img = guidance_scales(k, request.num_tokens, request.cfg, request.cfg_img, request.cfg_schedule,
+                                           version.rising_linear_schedule)
+        velocity.start_token(condition, scale, scale_img)
+        token = sample(velocity, noise).to(dtype)
+        if request.use_norm:
+            token = normalize_token(token)
+        tokens[:, k] = token
+        report_progress(request, tokens, k + 1)
+        if k + 1 == request.num_tokens:
+            break
+        embed = model.image_in_projector(token).repeat(num_branches, 1)[:, None]
+        out = model.backbone(inputs_embeds=embed, attention_mask=steps.upto(k + 1), position_ids=steps.positions[k],
+                             past_key_values=cache, use_cache=True)
+        hidden = out.last_hidden_state[:, -1]
+    return tokens

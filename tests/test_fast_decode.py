@@ -1,0 +1,126 @@
+"""The fast token loop (decode.py, the default) against the contract's loop (reference_loop.py),
+and the few-step samplers (solvers.py)."""
+
+import pytest
+import torch
+from PIL import Image
+
+from nextstep_core.errors import NextStepError
+from nextstep_core.head import FlowNet, TokenHead
+from nextstep_core.sampling import (FEW_STEP_SAMPLERS, RECOMMENDED_STEPS, SAMPLERS, SamplerSettings,
+                                    evaluation_times, head_evaluations, run_sampler)
+
+PROMPTS = ["a red circle", "two small blue squares at the top"]
+
+
+def both_loops(pipe, prompt, **kwargs):
+    reference = pipe.generate(prompt, loop="reference", decode=False, **kwargs).tokens
+    fast = pipe.generate(prompt, decode=False, **kwargs).tokens
+    return reference, fast
+
+
+@pytest.mark.parametrize("pipe_name,sampler", [("pipe_1_0", "auto"), ("pipe_1_1", "auto"), ("pipe_1_1", "cps"),
+                                               ("pipe_1_1", "ode")])
+def test_fast_loop_gives_the_reference_tokens_text_to_image(pipe_name, sampler, request):
+    pipe = request.getfixturevalue(pipe_name)
+    reference, fast = both_loops(pipe, PROMPTS, width=48, height=16, num_images=2, cfg=7.5, sampler=sampler,
+                                 steps=4, seed=11, cfg_schedule="linear")
+    assert torch.equal(reference, fast)
+
+
+@pytest.mark.parametrize("pipe_name", ["pipe_1_0", "pipe_1_1"])
+def test_fast_loop_gives_the_reference_tokens_editing(pipe_name, request):
+    pipe = request.getfixturevalue(pipe_name)
+    image = Image.new("RGB", (32, 16), (200, 40, 40))
+    reference, fast = both_loops(pipe, "<image> make it blue", image=image, cfg=5.0, cfg_img=2.0, steps=4, seed=3,
+                                 num_images=2)
+    assert torch.equal(reference, fast)
+
+
+def test_fast_loop_velocity_norm_and_few_step_samplers_match_the_reference(pipe_1_1):
+    reference, fast = both_loops(pipe_1_1, PROMPTS[0], width=32, height=16, cfg=4.0, steps=4, velocity_norm=True)
+    assert torch.equal(reference, fast)
+    for sampler in FEW_STEP_SAMPLERS:
+        reference, fast = both_loops(pipe_1_1, PROMPTS[0], width=32, height=16, cfg=4.0, sampler=sampler, steps=3)
+        assert torch.equal(reference, fast), sampler
+
+
+def test_batched_modulations_stay_within_float_rounding(pipe_1_0):
+    reference = pipe_1_0.generate(PROMPTS[0], width=32, height=16, cfg=7.5, steps=8, decode=False).tokens
+    batched = pipe_1_0.generate(PROMPTS[0], width=32, height=16, cfg=7.5, steps=8, exact=False, decode=False).tokens
+    torch.testing.assert_close(batched, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_token_head_step_equals_the_net():
+    torch.manual_seed(0)
+    net = FlowNet(token_dim=8, cond_dim=6, dim=16, layers=2)
+    times = torch.tensor([0.0, 0.3, 0.9])
+    condition, x = torch.randn(4, 6), torch.randn(4, 8)
+    head = TokenHead(net, times, rows=4, dtype=torch.float32)
+    head.set_condition(condition)
+    for step, t in enumerate(times):
+        assert torch.equal(head.velocity(x, step), net(x, t.expand(4), condition))
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_evaluation_times_are_the_times_the_sampler_asks_for(name):
+    settings = SamplerSettings(name, steps=5, shift=2.0)
+    seen = []
+
+    def velocity(x, t):
+        seen.append(float(t))
+        return -x
+
+    run_sampler(velocity, lambda: torch.ones(1, 3), settings)
+    assert seen == evaluation_times(settings).tolist()
+    assert len(seen) == head_evaluations(settings)
+
+
+def point_mass_velocity(target):
+    return lambda x, t: (target - x) / (1 - t)
+
+
+@pytest.mark.parametrize("name", ["midpoint", "dpm2m", "dpm2m_sde"])  # heun evaluates at t = 1, undefined here
+def test_few_step_samplers_land_on_a_point_mass(name):
+    target = torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64)
+    draws = iter(torch.randn(20, 1, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    out = run_sampler(point_mass_velocity(target), lambda: next(draws), SamplerSettings(name, steps=4, shift=2.0))
+    torch.testing.assert_close(out, target)
+
+
+def gaussian_velocity(mu, s):
+    """Exact flow velocity for data N(mu, s^2) from noise N(0, 1): its ODE maps x0 to mu + s x0."""
+    return lambda x, t: mu + (t * s * s - (1 - t)) / (t * t * s * s + (1 - t) ** 2) * (x - t * mu)
+
+
+def ode_error(name, steps):
+    x0 = torch.linspace(-2, 2, 9, dtype=torch.float64)[:, None]
+    out = run_sampler(gaussian_velocity(1.5, 1.0), lambda: x0.clone(), SamplerSettings(name, steps=steps))
+    return (out - (1.5 + x0)).abs().max().item()
+
+
+def test_higher_order_solvers_beat_euler_at_equal_head_evaluations():
+    euler = ode_error("ode", 8)
+    assert ode_error("heun", 4) < euler / 3  # 8 evaluations
+    assert ode_error("midpoint", 4) < euler / 3  # 8 evaluations
+    assert ode_error("dpm2m", 8) < euler / 3  # 8 evaluations
+    assert ode_error("heun", 8) < ode_error("heun", 4) / 3  # second order: error shrinks ~4x per halving
+
+
+def test_dpm2m_sde_with_zero_noise_is_dpm2m():
+    draws = torch.randn(30, 2, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    velocity = gaussian_velocity(0.5, 0.7)
+    quiet = run_sampler(velocity, iter(draws).__next__, SamplerSettings("dpm2m_sde", steps=6, noise_level=0.0))
+    plain = run_sampler(velocity, iter(draws).__next__, SamplerSettings("dpm2m", steps=6))
+    torch.testing.assert_close(quiet, plain)
+
+
+def test_few_step_defaults_and_errors(pipe_1_1):
+    for name, steps in RECOMMENDED_STEPS.items():
+        assert pipe_1_1.sampler_settings(name).steps == steps
+    assert head_evaluations(SamplerSettings("heun", steps=4)) == 8
+    assert head_evaluations(SamplerSettings("midpoint", steps=4)) == 8
+    with pytest.raises(NextStepError, match="loop 'quick' is not one of fast, reference"):
+        pipe_1_1.generate("a circle", width=32, height=32, loop="quick")
+    with pytest.raises(NextStepError, match="sampler 'rk4' is not one of .*heun"):
+        pipe_1_1.generate("a circle", width=32, height=32, sampler="rk4")
