@@ -122,3 +122,31 @@ if __name__ == "__main__":
         sys.exit("usage: python -m nextstep_core.memory_probe load FOLDER PRECISION")
     torch.set_num_threads(1)
     print(json.dumps(measure_load_here(sys.argv[2], sys.argv[3])))
+
+
+def prompt_length(pipe, prompt: str, width: int, height: int, images: int, cfg: float) -> int:
+    """Tokens in the prompt rows generate() builds for this request (padding included)."""
+    from .prompt import build_prompt_rows
+
+    grid = (height // pipe.pixels_per_token, width // pipe.pixels_per_token)
+    rows = build_prompt_rows(pipe.tokenizer, [prompt], token_grid=grid, negative=None, positive=None,
+                             images_per_prompt=images, edit_grid=None, cfg=cfg, cfg_img=1.0,
+                             prepend_bos=pipe.version.prepend_bos)
+    return rows.input_ids.shape[1]
+
+
+def measure_generation(pipe, prompt: str, *, width: int, height: int, images: int = 1, cfg: float = 3.0,
+                       steps: int = 4) -> dict:
+    """Bytes on the compute device while generating (CPU here): the resident weights of the transformer
+    and the image tokenizer, and the peak of every other tensor during generate(), decoding included."""
+    from .precision import parameter_bytes
+
+    weights = parameter_bytes(pipe.model)
+    vae = parameter_bytes(pipe.image_tokenizer)
+    tracker = TensorMemoryTracker()
+    tracker.ignore([*pipe.model.parameters(), *pipe.model.buffers(), *pipe.image_tokenizer.parameters()])
+    gc.collect()
+    with tracker:
+        pipe.generate(prompt, width=width, height=height, num_images=images, cfg=cfg, steps=steps, seed=0)
+    return {"weights": weights, "vae_weights": vae, "peak_transient": tracker.peak,
+            "total": weights + vae + tracker.peak}
