@@ -95,14 +95,12 @@ class GuidedVelocity:
     """velocity(x, t) for the samplers, backed by a TokenHead: the i-th call uses the i-th
     precomputed evaluation time (samplers evaluate their `evaluation_times` in order)."""
 
-    def __init__(self, head: TokenHead, branches: list[str], settings: SamplerSettings, state_dtype: torch.dtype,
-                 step_fn=None):
+    def __init__(self, head: TokenHead, branches: list[str], settings: SamplerSettings, state_dtype: torch.dtype):
         self.head = head
         self.branches = branches
         self.num_branches = len(branches)
         self.velocity_norm = settings.velocity_norm and self.num_branches > 1
         self.state_dtype = state_dtype
-        self.step_fn = step_fn or head.velocity
         self.cfg = self.cfg_img = 1.0
         self.calls = 0
 
@@ -128,7 +126,7 @@ class GuidedVelocity:
         n = x.shape[0]
         if x.dtype != self.head.dtype:
             x = x.to(self.head.dtype)
-        raw = self.step_fn(x.expand(self.num_branches, *x.shape).reshape(self.num_branches * n, -1), step)
+        raw = self.head.velocity(x.expand(self.num_branches, *x.shape).reshape(self.num_branches * n, -1), step)
         if raw.dtype != self.state_dtype:
             raw = raw.to(self.state_dtype)
         guided = self.combine(raw, n)
@@ -153,10 +151,10 @@ class StepMask:
         return self.full[:, : self.length + fed]
 
 
-def compiled_step(head: TokenHead, mode: str | None):
-    """torch.compile of the head's per-step evaluation (on CUDA, mode "reduce-overhead" uses CUDA graphs)."""
+def compile_head(head: TokenHead, device: torch.device) -> None:
+    """torch.compile the head's per-step evaluation (on CUDA, mode "reduce-overhead" uses CUDA graphs)."""
     try:
-        return torch.compile(head.velocity, mode=mode, dynamic=False)
+        head.compile("reduce-overhead" if device.type == "cuda" else None)
     except Exception as exc:  # torch.compile is unavailable on some platforms
         raise NextStepError(f"compile=True failed ({exc}); run with compile=False") from exc
 
@@ -178,8 +176,9 @@ def decode_tokens(model, version, hidden: torch.Tensor, cache, mask: torch.Tenso
     state_dtype = torch.float32 if version.noise_in_float32 else dtype
     noise = NoiseStream(request, token_dim, state_dtype, device, version.shared_noise_across_prompts)
     head = TokenHead(model.image_head.net, evaluation_times(settings).to(device), hidden.shape[0], dtype, exact=exact)
-    step_fn = compiled_step(head, "reduce-overhead" if device.type == "cuda" else None) if compile else None
-    velocity = GuidedVelocity(head, request.branches, settings, state_dtype, step_fn)
+    if compile:
+        compile_head(head, device)
+    velocity = GuidedVelocity(head, request.branches, settings, state_dtype)
     sample = prepare_sampler(settings)
     steps = StepMask(mask, request.num_tokens)
     tokens = torch.empty(request.images, request.num_tokens, token_dim, device=device, dtype=dtype)

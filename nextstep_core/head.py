@@ -169,14 +169,23 @@ class TokenHead:
         return torch.stack([F.linear(a, linear.weight, linear.bias) for a in activated.unbind(0)])
 
     def velocity(self, x: torch.Tensor, step: int) -> torch.Tensor:
-        """The net's output (rows, token_dim) for state x (rows, token_dim) at evaluation `step`.
+        """The net's output (rows, token_dim) for state x (rows, token_dim) at evaluation `step`."""
+        blocks = [(shift[step], scale[step], gate[step]) for shift, scale, gate in self.blocks]
+        return self.evaluate(x, blocks, (self.final[0][step], self.final[1][step]))
 
-        The net's own operations in its order, called as functions (no module dispatch)."""
+    def evaluate(self, x: torch.Tensor, blocks: list, final: tuple) -> torch.Tensor:
+        """The net's own operations in its order, called as functions (no module dispatch), with
+        one step's modulations: blocks [(shift, 1 + scale, gate)], final (shift, 1 + scale),
+        each (rows, dim). A function of tensors only, so torch.compile needs no step guard."""
         weights = self.weights
         h = F.linear(x, *weights[0])
-        for (ln, up, down), (shift, scale, gate) in zip(weights[1], self.blocks):
-            modulated = F.layer_norm(h, h.shape[-1:], *ln, eps=1e-6) * scale[step] + shift[step]
-            h = h + gate[step] * F.linear(F.silu(F.linear(modulated, *up)), *down)
-        shift, scale = self.final
-        h = F.layer_norm(h, h.shape[-1:], eps=1e-6) * scale[step] + shift[step]
+        for (ln, up, down), (shift, scale, gate) in zip(weights[1], blocks):
+            modulated = F.layer_norm(h, h.shape[-1:], *ln, eps=1e-6) * scale + shift
+            h = h + gate * F.linear(F.silu(F.linear(modulated, *up)), *down)
+        shift, scale = final
+        h = F.layer_norm(h, h.shape[-1:], eps=1e-6) * scale + shift
         return F.linear(h, *weights[2])
+
+    def compile(self, mode: str | None = None) -> None:
+        """torch.compile the per-step evaluation (mode "reduce-overhead" captures CUDA graphs)."""
+        self.evaluate = torch.compile(self.evaluate, mode=mode, dynamic=False)
