@@ -148,7 +148,7 @@ def quantize_rows_into(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     """Quantise a block of rows (n, in) of a high-precision weight into weight[start:start+n] (fp8) and
     scale[start:start+n] (float32): scale = max |row| / 448, weight = row / scale. Temporaries: one
     float32 copy of the block."""
-    block = rows.to(device=weight.device, dtype=torch.float32)
+    block = rows.to(device=weight.device, dtype=torch.float32, copy=True)
     row_max = torch.maximum(block.amax(dim=1), -block.amin(dim=1)).clamp(min=1e-12)
     row_scale = row_max / FP8_MAX
     block.div_(row_scale[:, None])
