@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from .checkpoint import VersionSettings, inspect_model_folder
 from .decode import DecodeRequest, GenerationInterrupted, ProgressCallback, decode_tokens
@@ -186,7 +186,8 @@ class NextStepPipeline:
 
         Speed options (decode.py): loop "fast" (default) or "reference" (the contract line by
         line, for comparison); exact=False lets the fast loop read each head modulation weight
-        once per token instead of once per step (float rounding differs); compile=True
+        once per token instead of once per step and use a static KV cache (float rounding
+        differs); compile=True
         torch.compiles the head step (CUDA graphs on CUDA; off by default).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -217,7 +218,8 @@ class NextStepPipeline:
         image_tokens = None
         if pixels is not None:
             image_tokens = self.encode_edit_image(pixels, int(rows.image_rows.sum()), generator, seed)
-        hidden, cache, mask = self.prefill(rows, image_tokens)
+        static_tokens = token_grid[0] * token_grid[1] if loop == "fast" and not exact else None
+        hidden, cache, mask = self.prefill(rows, image_tokens, static_tokens)
         request = DecodeRequest(rows, token_grid, num_images, len(prompts), cfg, cfg_img, cfg_schedule, settings,
                                 use_norm, generator, callback)
         if loop == "reference":
@@ -279,8 +281,12 @@ class NextStepPipeline:
         latents = self.image_tokenizer.encode(pixels, noise=noise)
         return patchify(latents, self.model.config.latent_patch_size)
 
-    def prefill(self, rows: PromptRows, image_tokens: torch.Tensor | None):
-        """Run the prompt rows; returns the last hidden state (rows, hidden), the cache and mask."""
+    def prefill(self, rows: PromptRows, image_tokens: torch.Tensor | None, static_tokens: int | None = None):
+        """Run the prompt rows; returns the last hidden state (rows, hidden), the cache and mask.
+
+        static_tokens: allocate a static KV cache for the prompt plus that many image tokens
+        (fixed shapes for compiled/graph-captured steps; attention then also runs over the
+        not-yet-filled, masked slots, which changes float rounding by ~1e-7)."""
         input_ids = rows.input_ids.to(self.device)
         mask = rows.attention_mask.to(self.device)
         embeds = self.model.backbone.embed_tokens(input_ids)
@@ -292,7 +298,9 @@ class NextStepPipeline:
             embeds = embeds.masked_scatter(placeholders[..., None], projected)
         # Positions 0..L-1 on every row, padding included, as the reference does.
         positions = torch.arange(input_ids.shape[1], device=self.device).expand(input_ids.shape[0], -1)
-        cache = DynamicCache(config=self.model.backbone.config)
+        config = self.model.backbone.config
+        cache = (DynamicCache(config=config) if static_tokens is None
+                 else StaticCache(config=config, max_cache_len=input_ids.shape[1] + static_tokens))
         out = self.model.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                   past_key_values=cache, use_cache=True)
         return out.last_hidden_state[:, -1], cache, mask
