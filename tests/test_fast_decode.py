@@ -124,3 +124,11 @@ def test_few_step_defaults_and_errors(pipe_1_1):
         pipe_1_1.generate("a circle", width=32, height=32, loop="quick")
     with pytest.raises(NextStepError, match="sampler 'rk4' is not one of .*heun"):
         pipe_1_1.generate("a circle", width=32, height=32, sampler="rk4")
+
+
+def test_cli_offers_every_sampler():
+    from nextstep_core.cli import build_parser
+
+    for name in SAMPLERS:
+        args = build_parser().parse_args(["generate", "--prompt", "x", "--out", "o.png", "--sampler", name])
+        assert args.sampler == name
