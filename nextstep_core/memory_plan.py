@@ -14,6 +14,7 @@ only), the image tokenizer's config and the request:
 - activations: the largest transient of a forward, the prefill's MLP (gate, up and their
   product for every prompt position) or, on a CPU, the attention scores of the prefill.
 - head: the flow head's working set for one token (tiny).
+- upcast: with fp8 storage, the largest decoder matrix upcast to bf16 for its matmul.
 - vae: the image tokenizer's weights and its decoder's largest feature maps at full size.
 The peak is weights + vae weights + the largest of the phases (prefill, token loop, decode),
 the KV cache being alive in all of them.
@@ -79,14 +80,15 @@ class MemoryPlan:
     vae_weights: int
     vae_decode: int
     prefill: int
+    upcast: int = 0
     free: int | None = None
 
     @property
     def total(self) -> int:
         """The estimated peak: resident weights + the largest phase."""
-        loop = self.kv_cache + self.head
+        loop = self.kv_cache + self.head + self.upcast
         decode = self.kv_cache + self.vae_decode
-        return self.weights + self.swap_buffers + self.vae_weights + max(self.prefill, loop, decode)
+        return self.weights + self.swap_buffers + self.vae_weights + max(self.prefill + self.upcast, loop, decode)
 
     def fits(self, free: int) -> bool:
         return self.total <= free * (1 - RESERVE_FRACTION) - RESERVE_BYTES
@@ -97,7 +99,7 @@ class MemoryPlan:
         lines = [f"NextStep memory plan: {self.precision}{swap}"]
         rows = [("weights (resident)", self.weights), ("swap buffers (2 layers)", self.swap_buffers),
                 ("KV cache", self.kv_cache), ("activations (prefill)", self.activations),
-                ("flow head working set", self.head), ("VAE weights", self.vae_weights),
+                ("flow head working set", self.head), ("fp8 upcast (1 matrix)", self.upcast), ("VAE weights", self.vae_weights),
                 ("VAE decode", self.vae_decode), ("estimated peak", self.total)]
         lines += [f"  {name:<26}{size_text(size)}" for name, size in rows]
         if self.free is not None:
@@ -221,8 +223,16 @@ def estimate(files: ModelFiles, precision: str | Precision, block_swap: int = 0,
         precision=precision.name, block_swap=block_swap, layers=len(layers), weights=resident,
         swap_buffers=swap_buffers, kv_cache=kv, activations=activations, head=head_bytes(files, request, dtype),
         vae_weights=vae_weight_bytes(files, dtype), vae_decode=vae_decode_bytes(files, request, dtype),
-        prefill=prompt_kv + activations, free=free,
+        prefill=prompt_kv + activations, upcast=fp8_upcast_bytes(files, precision), free=free,
     )
+
+
+def fp8_upcast_bytes(files: ModelFiles, precision: Precision) -> int:
+    """fp8 storage upcasts one matrix at a time to the compute dtype: the largest one's bytes."""
+    if not precision.fp8:
+        return 0
+    sizes = [numel(shape) for name, shape in files.tensor_shapes.items() if is_fp8_matrix(name.removeprefix("model."))]
+    return max(sizes, default=0) * dtype_bytes(precision.dtype)
 
 
 def candidates(num_layers: int, precision: str, block_swap: int | None):

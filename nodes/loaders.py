@@ -13,7 +13,8 @@ from ..nextstep_core.checkpoint import TOKENIZER_FILES, inspect_model_folder
 from ..nextstep_core.cli import DEMO_MODEL
 from ..nextstep_core.errors import NextStepError
 from ..nextstep_core.pipeline import NextStepPipeline
-from .model import DTYPE_CHOICES, NextStepModelType, NextStepVAEType, offload_device, pick_dtype, wrap_pipeline
+from .model import (AUTO_SWAP, DTYPE_CHOICES, NextStepModelType, NextStepVAEType, offload_device, plan_memory,
+                    wrap_pipeline)
 
 FOLDER = "nextstep"  # models/nextstep/, and the key for extra_model_paths.yaml
 DEMO_NAME = "nextstep-demo"  # how the embedded demo model is listed
@@ -90,11 +91,17 @@ class NextStepModelLoader(io.ComfyNode):
                                        "(NextStep-1.1), or the NextStep-1-f8ch16-Tokenizer folder beside it "
                                        "(NextStep-1.0 models)."),
                 io.Combo.Input("dtype", options=DTYPE_CHOICES, default="auto",
-                               tooltip="Weight precision. auto: bfloat16 on GPUs that support it, float32 otherwise. "
-                                       "NextStep-1 (14B) needs about 30 GB in bfloat16."),
+                               tooltip="Weight precision. fp8_e4m3fn stores the decoder's matrices in 8 bits "
+                                       "(about 15 GB for NextStep-1's 14B parameters instead of 30 GB in bfloat16) "
+                                       "and computes in bfloat16. auto: on a GPU the memory planner picks bfloat16 "
+                                       "or fp8 from the free memory (the plan is logged); float32 on the CPU."),
                 io.Combo.Input("version", options=[AUTO, "1.0", "1.1"], default=AUTO,
                                tooltip="Which release's prompt layout and sampling defaults to use. auto: detected "
                                        "from the checkpoint's files."),
+                io.Int.Input("block_swap", default=AUTO_SWAP, min=AUTO_SWAP, max=200, optional=True,
+                             tooltip="Decoder layers kept in CPU RAM and streamed to the GPU while they run (with "
+                                     "the next one prefetched): less GPU memory, slower tokens. -1: auto, the memory "
+                                     "planner decides from the free memory (0 on the CPU)."),
             ],
             outputs=[
                 NextStepModelType.Output("model", display_name="model", tooltip="The NextStep model, for the NextStep sampling nodes."),
@@ -117,13 +124,15 @@ class NextStepModelLoader(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, model_name, tokenizer, dtype, version) -> io.NodeOutput:
+    def execute(cls, model_name, tokenizer, dtype, version, block_swap=AUTO_SWAP) -> io.NodeOutput:
         folder = resolve(model_name)
         vae_folder = None if tokenizer == AUTO else resolve(tokenizer)
-        pipe = NextStepPipeline.from_folder(folder, vae_folder, version=version, dtype=pick_dtype(dtype),
-                                            device=offload_device())
-        logging.info("NextStep: loaded %s as NextStep-%s (%s), %s", folder, pipe.version.name,
-                     "; ".join(pipe.version_reasons), pipe.dtype)
+        files = inspect_model_folder(folder, vae_folder=vae_folder, version=version)
+        precision, swap = plan_memory(files, dtype, block_swap)
+        pipe = NextStepPipeline.from_folder(folder, vae_folder, version=version, precision=precision,
+                                            block_swap=swap, device=offload_device())
+        logging.info("NextStep: loaded %s as NextStep-%s (%s), %s, %d decoder layers swapped", folder,
+                     pipe.version.name, "; ".join(pipe.version_reasons), precision, swap)
         loaded = wrap_pipeline(pipe, model_name)
         return io.NodeOutput(loaded, loaded.vae)
 

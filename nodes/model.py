@@ -9,7 +9,10 @@ A NEXTSTEP_VAE wire carries the image tokenizer alone (`LoadedImageTokenizer`).
 
 The transformer and the tokenizer are plain PyTorch modules (no comfy.ops layers), so
 ComfyUI cannot stream them in pieces ("lowvram"): they are always loaded whole
-(`force_full_load`), and ComfyUI frees other models first to make room.
+(`force_full_load`), and ComfyUI frees other models first to make room. With block swap the
+engine itself keeps N decoder layers in CPU RAM (hidden from the module tree, so ComfyUI moves
+and counts only the resident part) and streams them in during each forward; the copies still
+on the GPU after a run or on unload are dropped (`release_swap`, the ON_DETACH callback).
 """
 
 from __future__ import annotations
@@ -19,14 +22,17 @@ from dataclasses import dataclass, field
 import comfy.model_management as mm
 import comfy.model_patcher
 import torch
+from comfy.patcher_extension import CallbacksMP
 from comfy_api.latest import io
 
+from ..nextstep_core.memory_plan import Request, choose_plan
 from ..nextstep_core.pipeline import NextStepPipeline
 
 NextStepModelType = io.Custom("NEXTSTEP_MODEL")
 NextStepVAEType = io.Custom("NEXTSTEP_VAE")
 
-DTYPE_CHOICES = ["auto", "bfloat16", "float16", "float32"]
+DTYPE_CHOICES = ["auto", "bfloat16", "float16", "float32", "fp8_e4m3fn"]
+AUTO_SWAP = -1  # block_swap widget value: let the memory planner decide
 
 
 def pick_dtype(choice: str) -> str:
@@ -37,6 +43,28 @@ def pick_dtype(choice: str) -> str:
     if choice != "auto":
         return choice
     return "bfloat16" if mm.should_use_bf16(mm.get_torch_device()) else "float32"
+
+
+def plan_memory(files, dtype: str, block_swap: int) -> tuple[str, int]:
+    """(precision, block swap) for the loader. On a GPU, `auto` precision and/or block swap -1 are chosen by
+    the engine's memory planner from the free memory (for a 1024x1024 image with guidance), and the plan is
+    logged; on a CPU auto means float32 (or bfloat16 where ComfyUI prefers it) and no swap."""
+    device = mm.get_torch_device()
+    if device.type == "cpu" or (dtype != "auto" and block_swap != AUTO_SWAP):
+        return pick_dtype(dtype), max(block_swap, 0)
+    free = mm.get_free_memory(device)
+    precision = "auto" if dtype == "auto" else dtype
+    plan = choose_plan(files, free, Request(), precision=precision,
+                       block_swap=None if block_swap == AUTO_SWAP else block_swap)
+    logging.info("%s", plan.describe())
+    return plan.precision, plan.block_swap
+
+
+def release_swap(loaded: "LoadedNextStep") -> None:
+    """Drop the block swap's compute copies (the layer prefetched for a next forward) after a run."""
+    swap = getattr(loaded.pipe.model, "block_swap", None)
+    if swap is not None:
+        swap.release()
 
 
 @dataclass
@@ -71,6 +99,8 @@ def wrap_pipeline(pipe: NextStepPipeline, name: str) -> LoadedNextStep:
     # edit's reference image on the model's device.
     vae_patcher = comfy.model_patcher.ModelPatcher(pipe.image_tokenizer, load_device=mm.get_torch_device(),
                                                    offload_device=mm.vae_offload_device())
+    if getattr(pipe.model, "block_swap", None) is not None:  # unloading also drops the swapped layers' copies
+        patcher.add_callback(CallbacksMP.ON_DETACH, lambda *args: pipe.model.block_swap.release())
     return LoadedNextStep(pipe, patcher, LoadedImageTokenizer(pipe.image_tokenizer, vae_patcher), name)
 
 

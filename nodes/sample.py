@@ -16,7 +16,7 @@ from ..nextstep_core.pipeline import check_image_size
 from ..nextstep_core.prompt import IMAGE_MARKER
 from ..nextstep_core.sampling import CFG_SCHEDULES, SAMPLERS
 from .latent import from_latent_dict, to_latent_dict
-from .model import LoadedNextStep, NextStepModelType, load_onto_device
+from .model import LoadedNextStep, NextStepModelType, load_onto_device, release_swap
 from .preview import TokenProgress
 from .vae import decode_latents
 
@@ -94,6 +94,7 @@ def generate(model: LoadedNextStep, prompt: str, *, width: int, height: int, ima
         steps=steps or None, shift=shift or None, noise_level=noise_level, use_norm=USE_NORM[use_norm],
         velocity_norm=velocity_norm, image=image, seed=seed, callback=progress, decode=False,
     )
+    release_swap(model)
     return to_latent_dict(result.latents, model.vae.config)
 
 

@@ -25,7 +25,7 @@ from workflow_convert import extra_values, input_specs, is_widget  # noqa: E402
 OUT = REPO / "workflows"
 COLUMN = 420
 
-LOADER = {"tokenizer": "auto", "dtype": "auto", "version": "auto"}
+LOADER = {"tokenizer": "auto", "dtype": "auto", "version": "auto", "block_swap": -1}
 EDIT_IMAGE = "example.png"  # ComfyUI's own input/example.png; pick your image in the Load Image node
 
 WORKFLOWS = {

@@ -7,7 +7,7 @@ from comfy_harness import PACK_NAME, needs_comfyui
 pytestmark = needs_comfyui
 
 NODES = {
-    "NextStepModelLoader": ["model_name", "tokenizer", "dtype", "version"],
+    "NextStepModelLoader": ["model_name", "tokenizer", "dtype", "version", "block_swap"],
     "NextStepTextToImage": ["model", "prompt", "negative", "width", "height", "batch_size", "seed", "cfg", "steps",
                             "sampler", "shift", "noise_level", "cfg_schedule", "use_norm", "velocity_norm", "positive"],
     "NextStepEditImage": ["model", "instruction", "negative", "width", "height", "batch_size", "seed", "cfg", "cfg_img",
