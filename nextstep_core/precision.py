@@ -144,11 +144,16 @@ def use_fp8_linears(model: nn.Module, precision: Precision) -> None:
                                         precision.fp8_matmul, device=old.weight.device))
 
 
-def quantize_rows_into(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, start: int) -> None:
+def quantize_rows_into(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, start: int,
+                       work: torch.Tensor | None = None) -> None:
     """Quantise a block of rows (n, in) of a high-precision weight into weight[start:start+n] (fp8) and
     scale[start:start+n] (float32): scale = max |row| / 448, weight = row / scale. Temporaries: one
-    float32 copy of the block."""
-    block = rows.to(device=weight.device, dtype=torch.float32, copy=True)
+    float32 copy of the block, in `work` (float32, at least n*in numbers, on weight's device) when given."""
+    if work is None:
+        block = rows.to(device=weight.device, dtype=torch.float32, copy=True)
+    else:
+        block = work.view(-1)[:rows.numel()].view(rows.shape)
+        block.copy_(rows)
     row_max = torch.maximum(block.amax(dim=1), -block.amin(dim=1)).clamp(min=1e-12)
     row_scale = row_max / FP8_MAX
     block.div_(row_scale[:, None])

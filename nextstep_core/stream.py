@@ -48,6 +48,7 @@ class SafetensorsFile:
         header.pop("__metadata__", None)
         start = 8 + header_len
         self.buffer: torch.Tensor | None = None
+        self.work: torch.Tensor | None = None
         self.entries = {}
         for name, info in header.items():
             if info["dtype"] not in SAFETENSORS_DTYPES:
@@ -60,7 +61,7 @@ class SafetensorsFile:
 
     def __exit__(self, *exc) -> None:
         self.file.close()
-        self.buffer = None
+        self.buffer = self.work = None
 
     def names(self) -> list[str]:
         return list(self.entries)
@@ -124,5 +125,11 @@ class SafetensorsFile:
         weight = torch.empty(shape, dtype=torch.float8_e4m3fn, device=device)
         scale = torch.empty(shape[0], dtype=torch.float32, device=device)
         for first, block in self.row_blocks(name):
-            quantize_rows_into(block, weight, scale, first)
+            quantize_rows_into(block, weight, scale, first, self.work_buffer(block.numel(), weight.device))
         return weight, scale
+
+    def work_buffer(self, numel: int, device: torch.device) -> torch.Tensor:
+        """float32 scratch for quantising a block, reused across tensors (no allocation churn)."""
+        if self.work is None or self.work.numel() < numel or self.work.device != device:
+            self.work = torch.empty(numel, dtype=torch.float32, device=device)
+        return self.work[:numel]
