@@ -1,6 +1,5 @@
 """Memory (issue #5): loading without copies (measured RSS), fp8 storage, block swap, the planner."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -96,7 +95,6 @@ def test_demo_model_generates_with_fp8_weights():
     assert result.images.shape == (2, 64, 64, 3) and torch.isfinite(result.images).all()
 
 
-@pytest.mark.skipif(not os.environ.get("NEXTSTEP_SLOW_TESTS"), reason="minutes on a CPU: NEXTSTEP_SLOW_TESTS=1")
 def test_demo_model_prompt_following_with_fp8_weights():
     """The acceptance check: fp8 storage (bf16 compute) against bf16, same held-out prompts and seeds."""
     bf16 = NextStepPipeline.from_folder(DEMO, precision="bf16")
