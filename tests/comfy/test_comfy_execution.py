@@ -234,3 +234,18 @@ def test_server_keeps_serving_after_errors_and_after_freeing_models(comfy):
     entry = comfy.run(t2i_prompt(seed=9, prompt="after the errors"))
     assert entry["status"]["status_str"] == "success"
     assert comfy.get("/system_stats")["system"]["comfyui_version"] == "0.3.75"
+
+
+def test_fp8_weights_with_block_swap_give_the_same_image_as_without_swap(comfy):
+    """The loader's memory options end to end: fp8 storage runs, and swapping a decoder layer in
+    from its storage placement on use changes nothing in the image."""
+    def image(block_swap):
+        prompt = {"1": loader(dtype="fp8_e4m3fn", block_swap=block_swap),
+                  "2": text_to_image(prompt="fp8 swap", seed=3), "3": decode("2"), "4": save("3", "fp8")}
+        entry = comfy.run(prompt)
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        return comfy.image(output_images(entry)["4"][0])
+
+    without, swapped = image(0), image(1)
+    assert without.size == (32, 32)
+    assert without.tobytes() == swapped.tobytes()
