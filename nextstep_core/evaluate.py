@@ -42,12 +42,13 @@ def tokenizer_reconstruction(image_tokenizer, scenes, dtype=torch.float32) -> di
     """Encode -> decode rendered scenes: mean PSNR (dB), and the checker's score on the
     reconstructions against the scenes' captions (the ceiling for the model's caption score)."""
     psnr, scores = [], []
+    device = next(image_tokenizer.parameters()).device
     for scene in scenes:
         image = np.asarray(render(scene), dtype=np.float32) / 255
-        pixels = torch.from_numpy(image).permute(2, 0, 1)[None].to(dtype) * 2 - 1
+        pixels = torch.from_numpy(image).permute(2, 0, 1)[None].to(device=device, dtype=dtype) * 2 - 1
         with torch.no_grad():
             out = image_tokenizer.decode(image_tokenizer.encode(pixels))
-        recon = ((out.float()[0].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy()
+        recon = ((out.float()[0].permute(1, 2, 0) + 1) / 2).clamp(0, 1).cpu().numpy()
         mse = float(np.mean((recon - image) ** 2))
         psnr.append(10 * math.log10(1 / max(mse, 1e-10)))
         scores.append(score(Image.fromarray((recon * 255).round().astype(np.uint8)), caption(scene)))
@@ -99,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--cfg", type=float)
     parser.add_argument("--cfg-img", type=float)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--report", help="write the figures as JSON here")
     parser.add_argument("--grid", help="write a PNG grid of the first 32 caption samples here")
     args = parser.parse_args(argv)
-    pipe = NextStepPipeline.from_folder(args.model)
+    pipe = NextStepPipeline.from_folder(args.model, device=args.device)
     sampling = {k: v for k, v in dict(sampler=args.sampler, steps=args.steps, cfg=args.cfg, cfg_img=args.cfg_img).items()
                 if v is not None}
     report = evaluate(pipe, captions=args.captions, edits=args.edits, **sampling)

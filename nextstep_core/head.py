@@ -110,8 +110,9 @@ class FlowHead(nn.Module):
         if repeats > 1:
             tokens = tokens.repeat(repeats, 1)
             condition = condition.repeat(repeats, 1)
-        noise = torch.randn(tokens.shape, generator=generator, device=tokens.device, dtype=tokens.dtype)
-        u = torch.randn(tokens.shape[0], generator=generator, device=tokens.device)
+        draw_on = generator.device if generator is not None else tokens.device  # a CPU generator serves a GPU run
+        noise = torch.randn(tokens.shape, generator=generator, device=draw_on, dtype=tokens.dtype).to(tokens.device)
+        u = torch.randn(tokens.shape[0], generator=generator, device=draw_on).to(tokens.device)
         t = torch.sigmoid(u).to(tokens.dtype)
         x_t = t[:, None] * tokens + (1 - t[:, None]) * noise
         velocity = self.net(x_t, t, condition)

@@ -6,10 +6,12 @@
 
 Each stage saves a resumable checkpoint (`<out>/<stage>.pt`: weights, optimiser, step) every
 `--save-every` steps and continues from it when run again. Everything is seeded: the same
-command on the same machine gives the same weights. The exported model is a NextStep-1.1
-release-layout folder (config.json, model.safetensors, tokenizer files, vae/).
+command on the same device gives the same weights (`--device cuda` trains on a GPU; random
+draws come from CPU generators on every device). The run's sizes (demo_spec() plus `--size
+name=value` overrides) are kept in `<out>/spec.json` for the later stages. The exported model
+is a NextStep-1.1 release-layout folder (config.json, model.safetensors, tokenizer files, vae/).
 
-Tokenizer stage (on 32x32 crops): reconstruction (L1 + L2 + an image-gradient term standing in for a perceptual
+Tokenizer stage (on crops, `--crop 64`: whole scenes): reconstruction (L1 + L2 + an image-gradient term standing in for a perceptual
 loss) through the latent normalisation with the paper's noise perturbation (Gaussian noise of a
 random strength added to the normalised latent before decoding).
 Model stage: the objective in objective.py (text cross-entropy x lm_loss_weight + flow matching
@@ -55,6 +57,38 @@ DEMO_SAMPLING_DEFAULTS = {"cfg": 3.0}
 def demo_spec(**overrides) -> TinySpec:
     """Sizes of the demo model (about 3 M parameters); overrides make smaller ones for tests."""
     return TinySpec(**{**DEMO_SIZES, **overrides})
+
+
+SPEC_FILE = "spec.json"
+
+
+def parse_size_overrides(items: list[str]) -> dict:
+    """`--size name=value` arguments -> {name: value} for TinySpec fields (ints; ch_mult as 1,2,2)."""
+    fields = TinySpec.__dataclass_fields__
+    overrides = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in fields or not value:
+            raise SystemExit(f"--size {item!r}: expected name=value with name one of {', '.join(fields)}")
+        try:
+            overrides[name] = tuple(int(v) for v in value.split(",")) if name == "vae_ch_mult" else int(value)
+        except ValueError:
+            raise SystemExit(f"--size {item!r}: {value!r} is not a whole number (or a comma list for vae_ch_mult)")
+    return overrides
+
+
+def run_spec(out: Path, overrides: dict | None = None) -> TinySpec:
+    """The run's sizes: demo_spec() updated by `<out>/spec.json`, then by `overrides`, which are
+    saved back so that later stages (and resumed ones) build the same shapes."""
+    path = out / SPEC_FILE
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if overrides:
+        saved.update({k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()})
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    if "vae_ch_mult" in saved:
+        saved["vae_ch_mult"] = tuple(saved["vae_ch_mult"])
+    return demo_spec(**saved)
 
 
 def pil_batch_to_pixels(images) -> torch.Tensor:
@@ -116,8 +150,11 @@ def resume(path: Path, module: torch.nn.Module, optimizer) -> int:
 
 
 def set_learning_rate(optimizer, step: int, steps: int, peak: float, warmup: int) -> None:
-    """Linear warm-up, then cosine decay to zero at `steps`."""
-    rate = peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+    """Linear warm-up over `warmup` steps (the same whatever `steps` is), then cosine decay to zero at `steps`."""
+    if step < warmup:
+        rate = peak * (step + 1) / warmup
+    else:
+        rate = peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
     for group in optimizer.param_groups:
         group["lr"] = rate
 
@@ -131,51 +168,96 @@ def reconstruction_loss(decoded: torch.Tensor, pixels: torch.Tensor) -> torch.Te
     return F.l1_loss(decoded, pixels) + F.mse_loss(decoded, pixels) + F.l1_loss(dy, ty) + F.l1_loss(dx, tx)
 
 
+class StepBudget:
+    """Fixes a stage's step count from its own speed when asked to fit a time budget.
+
+    steps > 0: that many steps. steps == 0 with `minutes`: time the first `probe` steps (all
+    inside the warm-up, whose learning rate does not depend on the total), then set the total
+    so the run ends in about `minutes`; the chosen total is logged, and passing it as `--steps`
+    repeats the run exactly. `minutes` with steps > 0 only stops early (saving first)."""
+
+    def __init__(self, steps: int, minutes: float | None, start: int, log, probe: int = 100):
+        if steps <= 0 and not minutes:
+            raise SystemExit("give --steps, or --steps 0 with --minutes")
+        self.steps, self.minutes, self.log, self.probe = steps, minutes, log, probe
+        self.start, self.began = start, time.perf_counter()
+
+    def total(self, step: int) -> int:
+        """The step count (a provisional large one while still probing)."""
+        if self.steps <= 0 and step >= self.start + self.probe:
+            rate = (step - self.start) / (time.perf_counter() - self.began)
+            remaining = self.minutes * 60 - (time.perf_counter() - self.began)
+            self.steps = step + max(1, int(0.97 * rate * remaining))
+            self.log(f"steps set to {self.steps} ({rate:.1f} steps/s, {self.minutes} min budget)")
+        return self.steps if self.steps > 0 else 1 << 30
+
+    def out_of_time(self) -> bool:
+        return bool(self.minutes) and time.perf_counter() - self.began > self.minutes * 60
+
+
 def train_vae(out: Path, steps: int, batch_size: int, seed: int, save_every: int, log, crop: int = CROP,
-              freeze_encoder: bool = False, scenes: int = 4000) -> ImageTokenizer:
+              freeze_encoder: bool = False, scenes: int = 4000, device: str = "cpu",
+              minutes: float | None = None) -> ImageTokenizer:
     """The tokenizer stage. With `freeze_encoder` only the decoder learns: the latent space stays
     fixed, so the model stage can train on the encoder's tokens while the decoder keeps improving."""
-    spec = demo_spec()
+    spec = run_spec(out)
     torch.manual_seed(seed)
     tokenizer = ImageTokenizer(vae_config(spec))
     optimizer = torch.optim.AdamW(tokenizer.parameters(), lr=1e-3, weight_decay=0.0)
     path = out / "vae.pt"
     start = resume(path, tokenizer, optimizer)
+    tokenizer.to(device)
+    move_optimizer_state(optimizer, device)
     tokenizer.autoencoder.encoder.requires_grad_(not freeze_encoder)  # AdamW skips parameters without gradients
     samples = scene_dataset(seed, scenes, SIZES)
     rng = np.random.default_rng(seed + start)
     generator = torch.Generator().manual_seed(seed + start)
     batches = grouped_batches(samples, batch_size, rng)
+    budget = StepBudget(steps, minutes, start, log)
     began = time.perf_counter()
-    for step in range(start, steps):
-        pixels = random_crops(pil_batch_to_pixels([image for image, _ in next(batches)]), crop, rng)
+    step = start
+    while step < budget.total(step):
+        pixels = random_crops(pil_batch_to_pixels([image for image, _ in next(batches)]), crop, rng).to(device)
         with torch.set_grad_enabled(not freeze_encoder):
             mean, _ = tokenizer.posterior(pixels)
         strength = torch.rand(mean.shape[0], 1, 1, 1, generator=generator) * NOISE_STRENGTH
-        noisy = mean + strength * torch.randn(mean.shape, generator=generator)
+        noisy = mean + (strength * torch.randn(mean.shape, generator=generator)).to(device)
         loss = reconstruction_loss(tokenizer.decode(noisy), pixels)
-        set_learning_rate(optimizer, step, steps, peak=1e-3, warmup=200)
+        set_learning_rate(optimizer, step, budget.total(step), peak=1e-3, warmup=200)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if (step + 1) % 50 == 0:
-            log(f"vae step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - began:.0f}s)")
-        if (step + 1) % save_every == 0 or step + 1 == steps:
-            save_state(path, weights=tokenizer.state_dict(), optimizer=optimizer.state_dict(), step=step + 1)
+        step += 1
+        if step % 50 == 0:
+            log(f"vae step {step}/{budget.total(step)} loss {loss.item():.4f} ({time.perf_counter() - began:.0f}s)")
+        done = step >= budget.total(step) or budget.out_of_time()
+        if step % save_every == 0 or done:
+            save_state(path, weights=tokenizer.state_dict(), optimizer=optimizer.state_dict(), step=step)
+        if done:
+            break
     return tokenizer.eval()
 
 
-def load_trained_vae(out: Path) -> ImageTokenizer:
-    tokenizer = ImageTokenizer(vae_config(demo_spec()))
+def move_optimizer_state(optimizer, device: str) -> None:
+    """Put a resumed optimiser's moment tensors on the training device (they load on the CPU)."""
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and key != "step":
+                state[key] = value.to(device)
+
+
+def load_trained_vae(out: Path, device: str = "cpu") -> ImageTokenizer:
+    tokenizer = ImageTokenizer(vae_config(run_spec(out)))
     tokenizer.load_state_dict(load_state(out / "vae.pt")["weights"])
-    return tokenizer.eval()
+    return tokenizer.eval().to(device)
 
 
 @torch.no_grad()
 def encode_tokens(tokenizer: ImageTokenizer, images) -> torch.Tensor:
-    """PIL images of one size -> (n, tokens, 64) normalised latent tokens."""
-    return torch.cat([patchify(tokenizer.encode(pil_batch_to_pixels(images[i:i + 64])))
-                      for i in range(0, len(images), 64)])
+    """PIL images of one size -> (n, tokens, 64) normalised latent tokens, on the tokenizer's device."""
+    device = next(tokenizer.parameters()).device
+    return torch.cat([patchify(tokenizer.encode(pil_batch_to_pixels(images[i:i + 256]).to(device)))
+                      for i in range(0, len(images), 256)])
 
 
 def build_examples(tokenizer_vae: ImageTokenizer, seed: int, scenes: int, edits: int, log):
@@ -241,18 +323,26 @@ def new_demo_model(text_tokenizer, spec: TinySpec, seed: int) -> tuple[NextStepM
 
 
 def train_model(out: Path, steps: int, batch_size: int, seed: int, save_every: int, log,
-                scenes: int = 12000, edits: int = 6000) -> NextStepModel:
-    spec = demo_spec()
+                scenes: int = 12000, edits: int = 6000, device: str = "cpu",
+                minutes: float | None = None, init_from: Path | None = None, lr: float = 5e-4) -> NextStepModel:
+    """The model stage. `init_from` (a model.pt of an earlier run of the same sizes) starts a new
+    run from those weights, with a fresh optimiser and schedule (ignored when resuming)."""
+    spec = run_spec(out)
     text_folder = write_tiny_tokenizer(out / "text_tokenizer", vocab_size=640)
     text_tokenizer = load_tokenizer(text_folder)
     special = SpecialIds.from_tokenizer(text_tokenizer)
     model, config_dict = new_demo_model(text_tokenizer, spec, seed)
     (out / "model_config.json").write_text(json.dumps(config_dict, indent=2))
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     path = out / "model.pt"
     start = resume(path, model, optimizer)
-    examples = build_examples(load_trained_vae(out), seed, scenes, edits, log)
+    if start == 0 and init_from is not None:
+        model.load_state_dict({k: v.float() for k, v in load_state(Path(init_from))["weights"].items()})
+        log(f"model weights from {init_from}")
+    model.to(device)
+    move_optimizer_state(optimizer, device)
+    examples = build_examples(load_trained_vae(out, device), seed, scenes, edits, log)
     groups: dict[tuple, list] = {}
     for example in examples:
         groups.setdefault((example[0], example[4]), []).append(example)
@@ -260,22 +350,28 @@ def train_model(out: Path, steps: int, batch_size: int, seed: int, save_every: i
     weights = np.array([len(groups[k]) for k in keys], dtype=np.float64)
     rng = np.random.default_rng(seed + start)
     generator = torch.Generator().manual_seed(seed + start)
+    budget = StepBudget(steps, minutes, start, log)
     began = time.perf_counter()
-    for step in range(start, steps):
+    step = start
+    while step < budget.total(step):
         key = keys[rng.choice(len(keys), p=weights / weights.sum())]
         chosen = [groups[key][i] for i in rng.choice(len(groups[key]), size=batch_size, replace=False)]
-        batch = make_batch(text_tokenizer, special, chosen, rng)
+        batch = make_batch(text_tokenizer, special, chosen, rng).to(device)
         losses = training_losses(model, batch, lm_loss_weight=0.01, head_repeats=4, generator=generator)
-        set_learning_rate(optimizer, step, steps, peak=5e-4, warmup=300)
+        set_learning_rate(optimizer, step, budget.total(step), peak=lr, warmup=300)
         optimizer.zero_grad()
         losses.total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        if (step + 1) % 50 == 0:
-            log(f"model step {step + 1}/{steps} image {losses.image.item():.4f} text {losses.text.item():.3f} "
-                f"({time.perf_counter() - began:.0f}s)")
-        if (step + 1) % save_every == 0 or step + 1 == steps:
-            save_state(path, weights=model.state_dict(), optimizer=optimizer.state_dict(), step=step + 1)
+        step += 1
+        if step % 50 == 0:
+            log(f"model step {step}/{budget.total(step)} image {losses.image.item():.4f} "
+                f"text {losses.text.item():.3f} ({time.perf_counter() - began:.0f}s)")
+        done = step >= budget.total(step) or budget.out_of_time()
+        if step % save_every == 0 or done:
+            save_state(path, weights=model.state_dict(), optimizer=optimizer.state_dict(), step=step)
+        if done:
+            break
     return model.eval()
 
 
@@ -290,7 +386,7 @@ def export(out: Path, target: Path) -> Path:
     config_dict["torch_dtype"] = "float16"
     config_dict["sampling_defaults"] = DEMO_SAMPLING_DEFAULTS
     (target / "config.json").write_text(json.dumps(config_dict, indent=2))
-    spec = demo_spec()
+    spec = run_spec(out)
     model = NextStepModel(NextStepConfig.from_dict(config_dict), spec.head_dim, spec.head_layers)
     model.load_state_dict(load_state(out / "model.pt")["weights"])
     tensors = {k: v.half() for k, v in release_state_dict(model).items()}
@@ -313,9 +409,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--freeze-encoder", action="store_true",
                         help="tokenizer stage: train the decoder only (the latent space the model stage sees stays fixed)")
     parser.add_argument("--to", default=str(Path(__file__).parent / "demo_model"), help="export target folder")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the same draws either way; float rounding differs)")
+    parser.add_argument("--minutes", type=float,
+                        help="time budget: with --steps 0 the step count is fitted to it (and logged); else stop early")
+    parser.add_argument("--scenes", type=int, help="training scenes (default: tokenizer 4000, model 12000)")
+    parser.add_argument("--edits", type=int, default=6000, help="model stage: training edit triples")
+    parser.add_argument("--init-from", help="model stage: start from the weights of this model.pt (fresh optimiser)")
+    parser.add_argument("--lr", type=float, default=5e-4, help="model stage: peak learning rate")
+    parser.add_argument("--size", action="append", default=[], metavar="NAME=VALUE",
+                        help="override a size of demo_spec() (TinySpec field, e.g. vae_ch=64, vae_ch_mult=1,2,2,2, "
+                             "hidden_size=256); kept in <out>/spec.json for the later stages")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    run_spec(out, parse_size_overrides(args.size))
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     def log(message: str) -> None:
@@ -325,9 +432,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.stage == "vae":
         train_vae(out, args.steps, args.batch_size, args.seed, args.save_every, log, crop=args.crop,
-                  freeze_encoder=args.freeze_encoder)
+                  freeze_encoder=args.freeze_encoder, scenes=args.scenes or 4000, device=args.device,
+                  minutes=args.minutes)
     elif args.stage == "model":
-        train_model(out, args.steps, args.batch_size, args.seed, args.save_every, log)
+        train_model(out, args.steps, args.batch_size, args.seed, args.save_every, log, scenes=args.scenes or 12000,
+                    edits=args.edits, device=args.device, minutes=args.minutes, init_from=args.init_from,
+                    lr=args.lr)
     else:
         log(f"exported to {export(out, Path(args.to))}")
     return 0

@@ -1,6 +1,9 @@
 """The training objective: a step on a fixed batch lowers both losses; edit rows are built right."""
 
+import time
+
 import numpy as np
+import pytest
 import torch
 
 from nextstep_core.model import patchify
@@ -92,3 +95,64 @@ def test_decoder_only_tokenizer_training_keeps_the_latent_space(tmp_path):
     for (name, before), after in zip(first.encoder.state_dict().items(), second.encoder.state_dict().values()):
         assert torch.equal(before, after), name
     assert not torch.equal(first.decoder.conv_out.weight, second.decoder.conv_out.weight)
+
+
+def test_size_overrides_are_kept_for_the_later_stages(tmp_path):
+    """`--size` on the tokenizer stage shapes the tokenizer that the model stage and export load."""
+    from nextstep_core.train import load_trained_vae, main, parse_size_overrides, run_spec
+
+    assert parse_size_overrides(["vae_ch=16", "vae_ch_mult=1,1,2,2"]) == {"vae_ch": 16, "vae_ch_mult": (1, 1, 2, 2)}
+    for bad in (["vae_ch"], ["colour=3"], ["vae_ch=big"]):
+        with pytest.raises(SystemExit, match="--size"):
+            parse_size_overrides(bad)
+    main(["vae", "--out", str(tmp_path), "--steps", "1", "--batch-size", "2", "--scenes", "4", "--crop", "32",
+          "--size", "vae_ch=16", "--size", "hidden_size=64"])
+    assert run_spec(tmp_path).vae_ch == 16 and run_spec(tmp_path).hidden_size == 64
+    assert load_trained_vae(tmp_path).config.ch == 16  # rebuilt from spec.json without being told
+
+
+def test_warm_up_does_not_depend_on_the_total_and_the_schedule_ends_at_zero():
+    from nextstep_core.train import set_learning_rate
+
+    def rate(step, steps):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        set_learning_rate(optimizer, step, steps, peak=1e-3, warmup=100)
+        return optimizer.param_groups[0]["lr"]
+
+    assert [rate(s, 1000) for s in (0, 50, 99)] == [rate(s, 7000) for s in (0, 50, 99)]
+    assert rate(99, 1000) == pytest.approx(1e-3)
+    assert rate(999, 1000) < 1e-7 and rate(550, 1000) == pytest.approx(5e-4, rel=0.01)
+
+
+def test_a_time_budget_fixes_the_step_count_after_the_probe():
+    from nextstep_core.train import StepBudget
+
+    messages = []
+    budget = StepBudget(0, minutes=0.5, start=0, log=messages.append, probe=3)
+    assert budget.total(0) > 10**8  # still probing
+    time.sleep(0.03)
+    total = budget.total(3)
+    assert 3 < total < 10**8 and budget.total(4) == total
+    assert messages == [messages[0]] and f"steps set to {total}" in messages[0]
+    with pytest.raises(SystemExit, match="--minutes"):
+        StepBudget(0, None, 0, print)
+
+
+def test_model_stage_can_start_from_an_earlier_runs_weights(tmp_path):
+    from nextstep_core.train import main
+
+    sizes = ["--size", "vae_ch=16", "--size", "hidden_size=64", "--size", "intermediate_size=128",
+             "--size", "head_dim=64", "--size", "head_layers=2", "--size", "num_hidden_layers=2",
+             "--size", "num_attention_heads=4"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    main(["vae", "--out", str(first), "--steps", "1", "--batch-size", "2", "--scenes", "4", "--crop", "32", *sizes])
+    main(["model", "--out", str(first), "--steps", "1", "--batch-size", "2", "--scenes", "8", "--edits", "4"])
+    second.mkdir()
+    for name in ("vae.pt", "spec.json"):
+        (second / name).write_bytes((first / name).read_bytes())
+    main(["model", "--out", str(second), "--steps", "1", "--batch-size", "2", "--scenes", "8", "--edits", "4",
+          "--seed", "1", "--lr", "1e-12", "--init-from", str(first / "model.pt")])
+    before = torch.load(first / "model.pt", weights_only=True)["weights"]
+    after = torch.load(second / "model.pt", weights_only=True)["weights"]
+    assert torch.allclose(before["image_in_projector.weight"], after["image_in_projector.weight"], atol=1e-6)
+    assert "model weights from" in (second / "train.log").read_text()
