@@ -2,16 +2,21 @@
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/speed.py              # every config
     OMP_WAIT_POLICY=PASSIVE python benchmarks/speed.py --configs tiny-1.0
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/speed.py --kernels      # product kernels' read rates only
 
 Each config runs in its own process (so peak RSS is its own). Implementations, interleaved
 and repeated, the fastest repeat kept (the machine is shared and noisy: read the ratios):
 - reference: generate(loop="reference"), the contract line by line (reference_loop.py);
 - fast: the default loop (decode.py), bit-identical to the reference on CPU;
-- fast-batched: generate(exact=False): AdaLN modulations of all steps in one product per token.
+- fast-batched: generate(exact=False): AdaLN modulations of all steps in one product per token,
+  and on CPU (float32) product kernels that read large weights 2-3x faster (head.fast_product).
 Per token: backbone prefill (once per image, shown per image) and decode (per token), head
 (everything in the loop that is not the backbone: head evaluations, guidance, sampler), and
 the VAE decode per image. For the real-head config, one head evaluation is compared with the
-machine's floor: the head's weight bytes / the memory read bandwidth measured here.
+machine's floor: the head's weight bytes / the memory read bandwidth measured here (a float32
+sum); also given: the weight bytes each implementation reads per evaluation and the rate it
+reads them at, and the rate at which F.linear and head.fast_product alone read every head
+weight once with 2 rows (a matmul-style read, for comparison with the sum).
 Writes benchmarks/speed.json and prints markdown tables.
 """
 
@@ -29,10 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from nextstep_core.head import ONEDNN, FlowNet, column_linear, exact_product, fast_product, onednn_linear  # noqa: E402
 from nextstep_core.pipeline import NextStepPipeline  # noqa: E402
 from nextstep_core.sampling import head_evaluations  # noqa: E402
 from nextstep_core.tiny import TinySpec, write_tiny_model  # noqa: E402
@@ -104,6 +111,84 @@ def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     return buffer.numel() * 4 / best
 
 
+def weight_bytes(modules) -> int:
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+def bytes_read_per_evaluation(net: FlowNet, evaluations: int) -> dict[str, float]:
+    """Head weight bytes each implementation reads per evaluation: the reference reads all of
+    them; fast reads the time embedding once per generation and the condition embedding once
+    per token; fast-batched also reads the AdaLN modulation weights once per token."""
+    modulation = weight_bytes([b.adaLN_modulation for b in net.res_blocks] + [net.final_layer.adaLN_modulation])
+    per_step = weight_bytes([net.input_proj, net.final_layer.linear] + [b.in_ln for b in net.res_blocks]
+                            + [b.mlp for b in net.res_blocks])
+    per_token = weight_bytes([net.cond_embed])
+    return {"reference": weight_bytes([net]), "fast": per_step + modulation + per_token / evaluations,
+            "fast-batched": per_step + (modulation + per_token) / evaluations}
+
+
+def product_read_rates(net: FlowNet, rows: int = 2, repeats: int = 7) -> dict[str, float]:
+    """GB/s at which each product kernel reads the head's weights: every nn.Linear of the net
+    applied once to `rows` random rows (F.linear vs head.fast_product), interleaved, best of repeats."""
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(rows, linear.in_features) for linear in linears]
+    kernels = {"F.linear": [exact_product(linear) for linear in linears],
+               "fast_product": [fast_product(linear, rows) for linear in linears]}
+    best = dict.fromkeys(kernels, float("inf"))
+    with torch.no_grad():
+        for _ in range(repeats):
+            for name, products in kernels.items():
+                started = time.perf_counter()
+                for product, x in zip(products, inputs):
+                    product(x)
+                best[name] = min(best[name], time.perf_counter() - started)
+    return {name: weight_bytes(linears) / seconds / 1e9 for name, seconds in best.items()}
+
+
+# product kernels for x (rows, in) and weight (out, in): fn(x, weight, bias, weight_t (in, out) contiguous)
+KERNELS = {
+    "F.linear": lambda x, w, b, wt: F.linear(x, w, b),
+    "addmm(b, x, weight_t)": lambda x, w, b, wt: torch.addmm(b, x, wt),
+    "mv per row": lambda x, w, b, wt: torch.stack([torch.addmv(b, w, row) for row in x]),
+    "column_linear": lambda x, w, b, wt: column_linear(x, w, b[:, None]),
+    **({"oneDNN": lambda x, w, b, wt: onednn_linear(x, w, b)} if ONEDNN else {}),
+}
+
+
+def kernel_read_rates(out_features: int, rows: int, megabytes: int = 300, repeats: int = 5) -> dict[str, float]:
+    """GB/s at which each of KERNELS reads (out_features, 1536) float32 weights with `rows` rows:
+    distinct weights totalling ~`megabytes` (beyond the caches), interleaved, best of repeats."""
+    count = max(1, megabytes * 2**20 // (out_features * 1536 * 4))
+    weights = [torch.randn(out_features, 1536) * 0.02 for _ in range(count)]
+    transposed = [w.t().contiguous() for w in weights]
+    bias, x = torch.randn(out_features), torch.randn(rows, 1536)
+    best = dict.fromkeys(KERNELS, float("inf"))
+    for _ in range(repeats):
+        for name, kernel in KERNELS.items():
+            started = time.perf_counter()
+            for w, wt in zip(weights, transposed):
+                kernel(x, w, bias, wt)
+            best[name] = min(best[name], time.perf_counter() - started)
+    return {name: count * out_features * 1536 * 4 / seconds / 1e9 for name, seconds in best.items()}
+
+
+def kernel_table() -> str:
+    """Markdown: read rate of every kernel for the head's weight shapes and a range of row counts,
+    with 2 and 1 threads, against the float32 sum's read bandwidth."""
+    threads = torch.get_num_threads()
+    lines = ["| threads | weight | rows | sum GB/s | " + " | ".join(KERNELS) + " |",
+             "|---:|---|---:|---:|" + "---:|" * len(KERNELS)]
+    for count in sorted({threads, 1}, reverse=True):
+        torch.set_num_threads(count)
+        bandwidth = read_bandwidth() / 1e9
+        for out_features, rows in [(1536, 1), (1536, 2), (1536, 4), (1536, 8), (4608, 2), (4608, 20)]:
+            rates = kernel_read_rates(out_features, rows)
+            lines.append(f"| {count} | {out_features}x1536 | {rows} | {bandwidth:.1f} | "
+                         + " | ".join(f"{rates[name]:.1f}" for name in KERNELS) + " |")
+    torch.set_num_threads(threads)
+    return "\n".join(lines)
+
+
 def load(config: Config, workdir: Path) -> NextStepPipeline:
     if config.version is None:
         return NextStepPipeline.from_folder(ROOT / "nextstep_core" / "demo_model")
@@ -154,8 +239,12 @@ def measure_config(name: str) -> dict:
             "max_abs_difference_to_reference": float((generated - reference_tokens).abs().max()),
         }
     if name == "real-head":
+        net = pipe.model.image_head.net
         out["read_bandwidth_gb_s"] = read_bandwidth() / 1e9
         out["floor_ms_per_evaluation"] = 1e3 * out["head_weight_bytes"] / (out["read_bandwidth_gb_s"] * 1e9)
+        out["product_read_gb_s"] = product_read_rates(net)
+        for impl, read in bytes_read_per_evaluation(net, out["head_evaluations"]).items():
+            out["implementations"][impl]["head_bytes_per_evaluation"] = read
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
@@ -174,13 +263,18 @@ def tables(results: list[dict]) -> str:
                          f"{m['max_abs_difference_to_reference']:.1e} | {r['peak_rss_mb']:.0f} |")
     for r in results:
         if "floor_ms_per_evaluation" in r:
+            rates = ", ".join(f"{name} {rate:.1f} GB/s" for name, rate in r["product_read_gb_s"].items())
             lines += ["", f"Real head: {r['head_weight_bytes'] / 1e6:.0f} MB of weights, read bandwidth "
                           f"{r['read_bandwidth_gb_s']:.1f} GB/s -> floor {r['floor_ms_per_evaluation']:.1f} ms per "
-                          "evaluation (all weights read once).", "",
-                      "| implementation | ms per head evaluation | floor / time |", "|---|---:|---:|"]
+                          f"evaluation (all weights read once). Every head weight read once by 2-row products: "
+                          f"{rates}.", "",
+                      "| implementation | ms per head evaluation | floor / time | weight MB read per evaluation | "
+                      "read rate GB/s |", "|---|---:|---:|---:|---:|"]
             for impl, m in r["implementations"].items():
+                read = m["head_bytes_per_evaluation"]
                 lines.append(f"| {impl} | {m['head_ms_per_evaluation']:.1f} | "
-                             f"{r['floor_ms_per_evaluation'] / m['head_ms_per_evaluation']:.0%} |")
+                             f"{r['floor_ms_per_evaluation'] / m['head_ms_per_evaluation']:.0%} | {read / 1e6:.0f} | "
+                             f"{read / m['head_ms_per_evaluation'] / 1e6:.1f} |")
     return "\n".join(lines)
 
 
@@ -189,7 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # child process: measure one config, print JSON
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "speed.json"))
+    parser.add_argument("--kernels", action="store_true", help="only the product kernels' read rates (markdown)")
     args = parser.parse_args(argv)
+    if args.kernels:
+        with torch.no_grad():
+            print(kernel_table())
+        return 0
     if args.one:
         print(json.dumps(measure_config(args.one)))
         return 0

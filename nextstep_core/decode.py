@@ -165,8 +165,9 @@ def decode_tokens(model, version, hidden: torch.Tensor, cache, mask: torch.Tenso
     """The fast token loop. hidden (rows, hidden) is the prefill's last hidden state; returns
     tokens (images, num_tokens, token_dim) in the model's dtype.
 
-    exact: AdaLN modulations as per-step products (CPU: the reference's bits); False reads
-    each modulation weight once per token (float rounding differs). compile: torch.compile
+    exact: AdaLN modulations as per-step products and every product F.linear (CPU: the
+    reference's bits); False reads each modulation weight once per token and uses faster
+    product kernels for large weights (head.fast_product; float rounding differs). compile: torch.compile
     the head step (off by default; on CUDA it also captures CUDA graphs).
     """
     dtype = model.image_in_projector.weight.dtype

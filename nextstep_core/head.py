@@ -11,6 +11,8 @@ predicts the velocity x1 - noise.
 from __future__ import annotations
 
 import math
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +121,76 @@ class FlowHead(nn.Module):
         return (velocity.float() - (tokens - noise).float()).pow(2).mean()
 
 
+Product = Callable[[torch.Tensor], torch.Tensor]  # x (rows, in) -> (rows, out)
+FEW_ROWS = range(2, 5)  # row counts for which `column_linear` beats F.linear on CPU (float32, MKL)
+BANDWIDTH_BOUND_BYTES = 2 * 2**20  # smaller weights stay with F.linear (call overhead dominates)
+
+
+def column_linear(x: torch.Tensor, weight: torch.Tensor, bias_column: torch.Tensor) -> torch.Tensor:
+    """x (rows, in) -> (rows, out), computed as weight @ x.T + bias into an (out, rows) result
+    (returned as its transposed view); bias_column is the bias as (out, 1).
+
+    For 2-4 float32 rows MKL reads the weight this way ~3x faster than in F.linear's (rows, in)
+    x (in, out) form, at 52-72 % of a plain read's bandwidth (benchmarks/README.md). x.T must
+    be a transposed view of a row-major x: a row-major (in, rows) operand takes MKL's slow path.
+    """
+    return torch.addmm(bias_column, weight, x.contiguous().T).T
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear through oneDNN, x (rows, in) -> (rows, out): where MKL's float32 kernels are
+    slow (AMD CPUs) it reads the weights ~2x faster for 1 or 5+ rows."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def onednn_works() -> bool:
+    """Whether this torch build has oneDNN's linear op and it agrees with F.linear."""
+    try:
+        x, weight, bias = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+        return bool(torch.allclose(onednn_linear(x, weight, bias), F.linear(x, weight, bias), atol=1e-5))
+    except Exception:  # an op missing from this build, or a build without oneDNN
+        return False
+
+
+ONEDNN = onednn_works()
+
+
+def exact_product(linear: nn.Linear) -> Product:
+    """x -> F.linear(x, weight, bias): the net's own product, hence its bits."""
+    return partial(F.linear, weight=linear.weight, bias=linear.bias)
+
+
+def fast_product(linear: nn.Linear, rows: int) -> Product:
+    """x (rows, in) -> linear(x) with the quickest kernel measured on CPU for this weight and
+    row count: column_linear for 2-4 rows, oneDNN otherwise; F.linear for small weights, other
+    dtypes than float32, other devices and linears without bias. Rounding differs from
+    F.linear (~1e-6 relative)."""
+    weight = linear.weight
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or linear.bias is None:
+        return exact_product(linear)
+    if weight.numel() * weight.element_size() < BANDWIDTH_BOUND_BYTES:
+        return exact_product(linear)
+    if rows in FEW_ROWS:
+        return partial(column_linear, weight=weight, bias_column=linear.bias[:, None])
+    if ONEDNN:
+        return partial(onednn_linear, weight=weight, bias=linear.bias)
+    return exact_product(linear)
+
+
+def per_step_modulation(linear: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+    """activated (steps, rows, dim) -> (steps, rows, out): one F.linear of (rows, dim) per step,
+    as the net computes it (a matmul's rounding can depend on its row count, so batching the
+    steps would change the bits)."""
+    return lambda activated: torch.stack([F.linear(a, linear.weight, linear.bias) for a in activated.unbind(0)])
+
+
+def all_steps_modulation(linear: nn.Linear, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """activated (steps, rows_per_step, dim) -> (steps, rows_per_step, out): one product of all
+    steps' rows (steps * rows_per_step = `rows`), which reads the weight once."""
+    product = fast_product(linear, rows)
+    return lambda activated: product(activated.flatten(0, 1)).unflatten(0, activated.shape[:2])
+
+
 class TokenHead:
     """A FlowNet prepared for fast sampling: what is constant while one token is sampled is
     computed once, so each sampler step runs only the per-step part of the net.
@@ -127,9 +199,11 @@ class TokenHead:
     step, `rows` rows each, computed exactly as the net would). Constant per token: the
     condition embedding, and every block's AdaLN modulation (shift, 1 + scale, gate) for all
     steps. With `exact=True` each step's modulation is its own (rows, dim) product, as in the
-    net, so the results are the net's bits; `exact=False` computes all steps in one
-    (steps * rows, dim) product, reading each AdaLN weight once per token instead of once per
-    step (a matmul's rounding depends on its row count: differences ~1e-7 relative).
+    net, and every product is F.linear, so the results are the net's bits. `exact=False`
+    computes all steps' modulations in one (steps * rows, dim) product, reading each AdaLN
+    weight once per token instead of once per step, and gives every large weight the quickest
+    product kernel for its row count (`fast_product`: on CPU in float32 the weights are read
+    2-3x faster than by F.linear). Float rounding differs: ~1e-6 relative per product.
 
     Shapes: condition (rows, cond_dim); x (rows, token_dim); step i indexes `times`.
     """
@@ -142,32 +216,28 @@ class TokenHead:
         self.time_embeddings = torch.stack([net.time_embed(t.expand(rows).to(dtype)) for t in times])
         self.blocks: list[tuple[list[torch.Tensor], ...]] = []
         self.final: tuple[list[torch.Tensor], ...] = ()
-        pair = lambda linear: (linear.weight, linear.bias)  # noqa: E731
-        self.weights = (
-            pair(net.input_proj),
-            [(pair(b.in_ln), pair(b.mlp[0]), pair(b.mlp[2])) for b in net.res_blocks],
-            pair(net.final_layer.linear),
+        product = exact_product if exact else lambda linear: fast_product(linear, rows)  # noqa: E731
+        self.products = (
+            product(net.input_proj),
+            [((b.in_ln.weight, b.in_ln.bias), product(b.mlp[0]), product(b.mlp[2])) for b in net.res_blocks],
+            product(net.final_layer.linear),
         )
+        linears = [b.adaLN_modulation[1] for b in net.res_blocks] + [net.final_layer.adaLN_modulation[1]]
+        steps = len(times)
+        self.modulations = [per_step_modulation(linear) if exact else all_steps_modulation(linear, steps * rows)
+                            for linear in linears]
 
     def set_condition(self, condition: torch.Tensor) -> None:
         """Precompute every step's modulations for one token's head conditions (rows, cond_dim)."""
         y = self.time_embeddings + self.net.cond_embed(condition)  # (steps, rows, dim)
         activated = F.silu(y)
+        *blocks, final = [modulation(activated) for modulation in self.modulations]
         self.blocks = []
-        for block in self.net.res_blocks:
-            shift, scale, gate = self.modulation(block.adaLN_modulation[1], activated).chunk(3, dim=-1)
+        for modulation in blocks:
+            shift, scale, gate = modulation.chunk(3, dim=-1)
             self.blocks.append((shift.unbind(0), (1 + scale).unbind(0), gate.unbind(0)))
-        shift, scale = self.modulation(self.net.final_layer.adaLN_modulation[1], activated).chunk(2, dim=-1)
+        shift, scale = final.chunk(2, dim=-1)
         self.final = (shift.unbind(0), (1 + scale).unbind(0))
-
-    def modulation(self, linear: nn.Linear, activated: torch.Tensor) -> torch.Tensor:
-        """(steps, rows, dim) -> (steps, rows, out) = linear applied to every step."""
-        steps, rows, dim = activated.shape
-        if not self.exact:
-            return F.linear(activated.reshape(steps * rows, dim), linear.weight, linear.bias).reshape(steps, rows, -1)
-        # one (rows, dim) product per step, as the net computes it: a matmul's rounding can
-        # depend on how many rows it is given, so batching the steps would change the bits
-        return torch.stack([F.linear(a, linear.weight, linear.bias) for a in activated.unbind(0)])
 
     def velocity(self, x: torch.Tensor, step: int) -> torch.Tensor:
         """The net's output (rows, token_dim) for state x (rows, token_dim) at evaluation `step`."""
@@ -178,14 +248,14 @@ class TokenHead:
         """The net's own operations in its order, called as functions (no module dispatch), with
         one step's modulations: blocks [(shift, 1 + scale, gate)], final (shift, 1 + scale),
         each (rows, dim). A function of tensors only, so torch.compile needs no step guard."""
-        weights = self.weights
-        h = F.linear(x, *weights[0])
-        for (ln, up, down), (shift, scale, gate) in zip(weights[1], blocks):
+        project_in, res_blocks, project_out = self.products
+        h = project_in(x)
+        for (ln, up, down), (shift, scale, gate) in zip(res_blocks, blocks):
             modulated = F.layer_norm(h, h.shape[-1:], *ln, eps=1e-6) * scale + shift
-            h = h + gate * F.linear(F.silu(F.linear(modulated, *up)), *down)
+            h = h + gate * down(F.silu(up(modulated)))
         shift, scale = final
         h = F.layer_norm(h, h.shape[-1:], eps=1e-6) * scale + shift
-        return F.linear(h, *weights[2])
+        return project_out(h)
 
     def compile(self, mode: str | None = None) -> None:
         """torch.compile the per-step evaluation (mode "reduce-overhead" captures CUDA graphs)."""

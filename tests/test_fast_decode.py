@@ -3,10 +3,12 @@ and the few-step samplers (solvers.py)."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from nextstep_core.errors import NextStepError
-from nextstep_core.head import FlowNet, TokenHead
+import nextstep_core.head as head_module
+from nextstep_core.head import FlowNet, TokenHead, column_linear, fast_product, onednn_linear
 from nextstep_core.sampling import (FEW_STEP_SAMPLERS, RECOMMENDED_STEPS, SAMPLERS, SamplerSettings,
                                     evaluation_times, head_evaluations, run_sampler)
 
@@ -60,6 +62,54 @@ def test_token_head_step_equals_the_net():
     head.set_condition(condition)
     for step, t in enumerate(times):
         assert torch.equal(head.velocity(x, step), net(x, t.expand(4), condition))
+
+
+def large_linear(seed=0):
+    """A float32 nn.Linear above head.BANDWIDTH_BOUND_BYTES (3 MiB), so fast_product may swap its kernel."""
+    torch.manual_seed(seed)
+    return torch.nn.Linear(1024, 768)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 20])
+def test_fast_products_equal_f_linear_within_float_rounding(rows):
+    linear = large_linear()
+    x = torch.randn(rows, 1024)
+    with torch.no_grad():
+        out, expected = fast_product(linear, rows)(x), F.linear(x, linear.weight, linear.bias)
+        exact64 = F.linear(x.double(), linear.weight.double(), linear.bias.double())
+    assert out.shape == expected.shape == (rows, 768)
+    torch.testing.assert_close(out, expected, atol=2e-6, rtol=0)
+    assert (out.double() - exact64).abs().max() < 2e-6  # as close to float64 as F.linear (outputs ~1)
+
+
+def test_fast_product_kernel_choice(monkeypatch):
+    linear = large_linear()
+    assert fast_product(linear, 2).func is column_linear
+    assert fast_product(linear, 8).func is (onednn_linear if head_module.ONEDNN else F.linear)
+    assert fast_product(torch.nn.Linear(64, 64), 2).func is F.linear  # small weight: call overhead dominates
+    assert fast_product(large_linear().to(torch.bfloat16), 2).func is F.linear
+    monkeypatch.setattr(head_module, "ONEDNN", False)  # a torch build without oneDNN's linear op
+    x = torch.randn(8, 1024)
+    with torch.no_grad():
+        assert torch.equal(fast_product(linear, 8)(x), F.linear(x, linear.weight, linear.bias))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+def test_batched_token_head_with_fast_products_stays_within_float_rounding(rows):
+    torch.manual_seed(0)
+    net = FlowNet(token_dim=16, cond_dim=32, dim=1024, layers=2)  # 4 MiB block weights: fast kernels
+    net64 = FlowNet(token_dim=16, cond_dim=32, dim=1024, layers=2).double()
+    net64.load_state_dict(net.state_dict())
+    times = torch.tensor([0.0, 0.4, 0.8])
+    condition, x = torch.randn(rows, 32), torch.randn(rows, 16)
+    head = TokenHead(net, times, rows=rows, dtype=torch.float32, exact=False)
+    head.set_condition(condition)
+    with torch.no_grad():
+        for step, t in enumerate(times):
+            fast, expected = head.velocity(x, step), net(x, t.expand(rows), condition)
+            exact64 = net64(x.double(), t.expand(rows).double(), condition.double())
+            torch.testing.assert_close(fast, expected, atol=2e-6, rtol=0)  # outputs ~1.5
+            assert (fast.double() - exact64).abs().max() < 2e-6
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
