@@ -96,11 +96,14 @@ def test_demo_model_generates_with_fp8_weights():
 
 
 def test_demo_model_prompt_following_with_fp8_weights():
-    """The acceptance check: fp8 storage (bf16 compute) against bf16, same held-out prompts and seeds."""
+    """The acceptance check: fp8 storage (bf16 compute) against bf16, same held-out prompts and seeds.
+    200 captions: with 16, seed noise alone moved the score by 6 points (fp8 changes the sampled
+    tokens a little, and a borderline object then flips); over 100-200 captions fp8 stayed
+    within 0.6 points of bf16 (README, memory section)."""
     bf16 = NextStepPipeline.from_folder(DEMO, precision="bf16")
     fp8 = NextStepPipeline.from_folder(DEMO, precision="fp8_e4m3fn")
-    reference = evaluate(bf16, captions=16, edits=0, batch=16)["caption_score"]
-    score = evaluate(fp8, captions=16, edits=0, batch=16)["caption_score"]
+    reference = evaluate(bf16, captions=200, edits=0, batch=50)["caption_score"]
+    score = evaluate(fp8, captions=200, edits=0, batch=50)["caption_score"]
     assert score >= reference - 0.02, (score, reference)
 
 
