@@ -12,8 +12,9 @@ Two implementations share `DecodeRequest` and the noise stream (`NoiseStream`):
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -157,6 +158,36 @@ def compile_head(head: TokenHead, device: torch.device) -> None:
         head.compile("reduce-overhead" if device.type == "cuda" else None)
     except Exception as exc:  # torch.compile is unavailable on some platforms
         raise NextStepError(f"compile=True failed ({exc}); run with compile=False") from exc
+
+
+SMALL_WEIGHT_BYTES = 2 * 2**20  # a product on a smaller weight takes less time than waking a second thread
+
+
+def runs_best_on_one_thread(model, device: torch.device) -> bool:
+    """Whether every weight matrix of the token loop (decoder layers and flow head) is small.
+    Then each op of a token step is a few microseconds of work, and on a CPU the cost of a
+    parallel region (waking the other threads: 1-50 us, most when they sleep, as with
+    OMP_WAIT_POLICY=PASSIVE) would dominate. True for the tiny and demo models, false for the
+    released ones. The pipeline then runs either token loop on one thread; both loops keep the
+    same bits (MKL's products can round differently on 1 and 2 threads for some row counts)."""
+    if device.type != "cpu":
+        return False
+    matrices = [p for p in model.backbone.layers.parameters() if p.dim() == 2]
+    matrices += [p for p in model.image_head.parameters() if p.dim() == 2]
+    return all(p.numel() * p.element_size() < SMALL_WEIGHT_BYTES for p in matrices)
+
+
+@contextmanager
+def cpu_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to `count` inside the block (None: unchanged)."""
+    previous = torch.get_num_threads()
+    if count is not None and count != previous:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
 
 
 @torch.no_grad()

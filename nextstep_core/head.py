@@ -156,8 +156,19 @@ ONEDNN = onednn_works()
 
 
 def exact_product(linear: nn.Linear) -> Product:
-    """x -> F.linear(x, weight, bias): the net's own product, hence its bits."""
-    return partial(F.linear, weight=linear.weight, bias=linear.bias)
+    """x (rows, in) -> F.linear(x, weight, bias): the net's own product, hence its bits. With a
+    bias, as torch.addmm(bias, x, weight.t()) on a transposed view made once, which is the call
+    F.linear makes for 2-D input (same kernel, same bits) without two dispatches per product."""
+    if linear.bias is None:
+        return partial(F.linear, weight=linear.weight, bias=None)
+    return partial(addmm_rows, bias=linear.bias, weight_t=linear.weight.t())
+
+
+def addmm_rows(x: torch.Tensor, bias: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    """x (rows, in) -> bias + x @ weight_t; other ranks go through F.linear."""
+    if x.dim() != 2:
+        return F.linear(x, weight_t.t(), bias)
+    return torch.addmm(bias, x, weight_t)
 
 
 def fast_product(linear: nn.Linear, rows: int) -> Product:
@@ -181,7 +192,8 @@ def per_step_modulation(linear: nn.Linear) -> Callable[[torch.Tensor], torch.Ten
     """activated (steps, rows, dim) -> (steps, rows, out): one F.linear of (rows, dim) per step,
     as the net computes it (a matmul's rounding can depend on its row count, so batching the
     steps would change the bits)."""
-    return lambda activated: torch.stack([F.linear(a, linear.weight, linear.bias) for a in activated.unbind(0)])
+    product = exact_product(linear)
+    return lambda activated: torch.stack([product(a) for a in activated.unbind(0)])
 
 
 def all_steps_modulation(linear: nn.Linear, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -20,7 +20,8 @@ from PIL import Image
 from transformers import DynamicCache, StaticCache
 
 from .checkpoint import VersionSettings, inspect_model_folder
-from .decode import DecodeRequest, GenerationInterrupted, ProgressCallback, decode_tokens
+from .decode import (DecodeRequest, GenerationInterrupted, ProgressCallback, cpu_threads, decode_tokens,
+                     runs_best_on_one_thread)
 from .errors import NextStepError
 from .model import NextStepModel, load_model, patchify, unpatchify
 from .offload import check_block_swap, enable_block_swap
@@ -222,10 +223,12 @@ class NextStepPipeline:
         hidden, cache, mask = self.prefill(rows, image_tokens, static_tokens)
         request = DecodeRequest(rows, token_grid, num_images, len(prompts), cfg, cfg_img, cfg_schedule, settings,
                                 use_norm, generator, callback)
-        if loop == "reference":
-            tokens = decode_tokens_reference(self.model, self.version, hidden, cache, mask, request)
-        else:
-            tokens = decode_tokens(self.model, self.version, hidden, cache, mask, request, exact=exact, compile=compile)
+        with cpu_threads(1 if runs_best_on_one_thread(self.model, self.device) else None):  # small models, CPU
+            if loop == "reference":
+                tokens = decode_tokens_reference(self.model, self.version, hidden, cache, mask, request)
+            else:
+                tokens = decode_tokens(self.model, self.version, hidden, cache, mask, request, exact=exact,
+                                       compile=compile)
         latents = unpatchify(tokens, token_grid, self.model.config.latent_patch_size)
         images = None
         if decode:

@@ -8,7 +8,7 @@ from PIL import Image
 
 from nextstep_core.errors import NextStepError
 import nextstep_core.head as head_module
-from nextstep_core.head import FlowNet, TokenHead, column_linear, fast_product, onednn_linear
+from nextstep_core.head import FlowNet, TokenHead, addmm_rows, column_linear, exact_product, fast_product, onednn_linear
 from nextstep_core.sampling import (FEW_STEP_SAMPLERS, RECOMMENDED_STEPS, SAMPLERS, SamplerSettings,
                                     evaluation_times, head_evaluations, run_sampler)
 
@@ -85,13 +85,25 @@ def test_fast_products_equal_f_linear_within_float_rounding(rows):
 def test_fast_product_kernel_choice(monkeypatch):
     linear = large_linear()
     assert fast_product(linear, 2).func is column_linear
-    assert fast_product(linear, 8).func is (onednn_linear if head_module.ONEDNN else F.linear)
-    assert fast_product(torch.nn.Linear(64, 64), 2).func is F.linear  # small weight: call overhead dominates
-    assert fast_product(large_linear().to(torch.bfloat16), 2).func is F.linear
+    assert fast_product(linear, 8).func is (onednn_linear if head_module.ONEDNN else addmm_rows)
+    assert fast_product(torch.nn.Linear(64, 64), 2).func is addmm_rows  # small weight: call overhead dominates
+    assert fast_product(large_linear().to(torch.bfloat16), 2).func is addmm_rows
     monkeypatch.setattr(head_module, "ONEDNN", False)  # a torch build without oneDNN's linear op
     x = torch.randn(8, 1024)
     with torch.no_grad():
         assert torch.equal(fast_product(linear, 8)(x), F.linear(x, linear.weight, linear.bias))
+
+
+def test_exact_product_is_f_linear_bit_for_bit():
+    torch.manual_seed(1)
+    with_bias, without_bias = torch.nn.Linear(48, 80), torch.nn.Linear(48, 80, bias=False)
+    with torch.no_grad():
+        for rows in (1, 2, 6, 20):
+            x = torch.randn(rows, 48)
+            for linear in (with_bias, without_bias):
+                assert torch.equal(exact_product(linear)(x), F.linear(x, linear.weight, linear.bias))
+        x3 = torch.randn(2, 3, 48)  # other ranks fall back to F.linear itself
+        assert torch.equal(exact_product(with_bias)(x3), F.linear(x3, with_bias.weight, with_bias.bias))
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 8])
@@ -182,3 +194,33 @@ def test_cli_offers_every_sampler():
     for name in SAMPLERS:
         args = build_parser().parse_args(["generate", "--prompt", "x", "--out", "o.png", "--sampler", name])
         assert args.sampler == name
+
+
+def test_small_models_sample_on_one_thread_and_give_the_count_back(pipe_1_1):
+    """Tiny/demo-sized weights: the token loop runs on one CPU thread (waking a second one costs
+    more than the work); the caller's thread count comes back, also after an interrupt."""
+    from nextstep_core.decode import runs_best_on_one_thread
+    from nextstep_core.pipeline import GenerationInterrupted
+
+    assert runs_best_on_one_thread(pipe_1_1.model, torch.device("cpu"))
+    assert not runs_best_on_one_thread(pipe_1_1.model, torch.device("cuda"))
+    big = FlowNet(token_dim=64, cond_dim=64, dim=1024, layers=1)  # 4 MiB matrices: worth two threads
+    original_net = pipe_1_1.model.image_head.net
+    pipe_1_1.model.image_head.net = big
+    try:
+        assert not runs_best_on_one_thread(pipe_1_1.model, torch.device("cpu"))
+    finally:
+        pipe_1_1.model.image_head.net = original_net
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        pipe_1_1.generate("a red circle", width=32, height=16, steps=2, decode=False,
+                          callback=lambda done, total, tokens: seen.append(torch.get_num_threads()))
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+        with pytest.raises(GenerationInterrupted):
+            pipe_1_1.generate("a red circle", width=32, height=16, steps=2, decode=False,
+                              callback=lambda done, total, tokens: False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
