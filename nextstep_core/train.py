@@ -78,17 +78,19 @@ def parse_size_overrides(items: list[str]) -> dict:
 
 
 def run_spec(out: Path, overrides: dict | None = None) -> TinySpec:
-    """The run's sizes: demo_spec() updated by `<out>/spec.json`, then by `overrides`, which are
-    saved back so that later stages (and resumed ones) build the same shapes."""
+    """The run's sizes: demo_spec() updated by `<out>/spec.json`. Given `overrides` (a stage
+    started from the command line, even with none), the whole spec with the overrides applied
+    is written back, so that later stages and resumed ones build the same shapes even if
+    DEMO_SIZES changes in between."""
     path = out / SPEC_FILE
     saved = json.loads(path.read_text()) if path.is_file() else {}
-    if overrides:
-        saved.update({k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()})
-        out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     if "vae_ch_mult" in saved:
         saved["vae_ch_mult"] = tuple(saved["vae_ch_mult"])
-    return demo_spec(**saved)
+    spec = demo_spec(**{**saved, **(overrides or {})})
+    if overrides is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(spec), indent=2, sort_keys=True) + "\n")
+    return spec
 
 
 def pil_batch_to_pixels(images) -> torch.Tensor:

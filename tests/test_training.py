@@ -1,5 +1,6 @@
 """The training objective: a step on a fixed batch lowers both losses; edit rows are built right."""
 
+import json
 import time
 
 import numpy as np
@@ -109,6 +110,17 @@ def test_size_overrides_are_kept_for_the_later_stages(tmp_path):
           "--size", "vae_ch=16", "--size", "hidden_size=64"])
     assert run_spec(tmp_path).vae_ch == 16 and run_spec(tmp_path).hidden_size == 64
     assert load_trained_vae(tmp_path).config.ch == 16  # rebuilt from spec.json without being told
+    saved = json.loads((tmp_path / "spec.json").read_text())
+    assert saved["num_hidden_layers"] == demo_spec().num_hidden_layers  # the whole spec is frozen
+
+
+def test_a_run_keeps_its_sizes_when_the_demo_sizes_change(tmp_path, monkeypatch):
+    import nextstep_core.train as train
+
+    original = train.run_spec(tmp_path, {}).hidden_size  # a stage started from the command line, no overrides
+    monkeypatch.setitem(train.DEMO_SIZES, "hidden_size", 999)
+    assert train.run_spec(tmp_path).hidden_size == original != 999
+    assert train.run_spec(tmp_path / "fresh").hidden_size == 999
 
 
 def test_warm_up_does_not_depend_on_the_total_and_the_schedule_ends_at_zero():
