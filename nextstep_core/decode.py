@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import torch
 
 from .errors import NextStepError
-from .head import TokenHead
+from .head import SMALL_WEIGHT_BYTES, TokenHead
 from .prompt import PromptRows
 from .fast_samplers import prepare_sampler
 from .sampling import (UNCOND_TEXT, SamplerSettings, clamp_velocity_norm, evaluation_times, guidance_scales,
@@ -158,9 +158,6 @@ def compile_head(head: TokenHead, device: torch.device) -> None:
         head.compile("reduce-overhead" if device.type == "cuda" else None)
     except Exception as exc:  # torch.compile is unavailable on some platforms
         raise NextStepError(f"compile=True failed ({exc}); run with compile=False") from exc
-
-
-SMALL_WEIGHT_BYTES = 2 * 2**20  # a product on a smaller weight takes less time than waking a second thread
 
 
 def runs_best_on_one_thread(model, device: torch.device) -> bool:

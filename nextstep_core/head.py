@@ -123,7 +123,9 @@ class FlowHead(nn.Module):
 
 Product = Callable[[torch.Tensor], torch.Tensor]  # x (rows, in) -> (rows, out)
 FEW_ROWS = range(2, 5)  # row counts for which `column_linear` beats F.linear on CPU (float32, MKL)
-BANDWIDTH_BOUND_BYTES = 2 * 2**20  # smaller weights stay with F.linear (call overhead dominates)
+# Below this a product's work is a few microseconds: call overhead and waking threads dominate, so
+# such weights keep F.linear (fast_product) and models made only of them run on one thread (decode.py).
+SMALL_WEIGHT_BYTES = 2 * 2**20
 
 
 def column_linear(x: torch.Tensor, weight: torch.Tensor, bias_column: torch.Tensor) -> torch.Tensor:
@@ -179,7 +181,7 @@ def fast_product(linear: nn.Linear, rows: int) -> Product:
     weight = linear.weight
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or linear.bias is None:
         return exact_product(linear)
-    if weight.numel() * weight.element_size() < BANDWIDTH_BOUND_BYTES:
+    if weight.numel() * weight.element_size() < SMALL_WEIGHT_BYTES:
         return exact_product(linear)
     if rows in FEW_ROWS:
         return partial(column_linear, weight=weight, bias_column=linear.bias[:, None])

@@ -65,7 +65,7 @@ def test_token_head_step_equals_the_net():
 
 
 def large_linear(seed=0):
-    """A float32 nn.Linear above head.BANDWIDTH_BOUND_BYTES (3 MiB), so fast_product may swap its kernel."""
+    """A float32 nn.Linear above head.SMALL_WEIGHT_BYTES (2 MiB; this one is 3 MiB), so fast_product may swap its kernel."""
     torch.manual_seed(seed)
     return torch.nn.Linear(1024, 768)
 
