@@ -28,6 +28,7 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -196,6 +197,19 @@ class StepBudget:
     def out_of_time(self) -> bool:
         return bool(self.minutes) and time.perf_counter() - self.began > self.minutes * 60
 
+    def run(self, save_every: int, save) -> Iterator[tuple[int, int]]:
+        """Yields (step, total) for each step to run, from `start`. After a step, calls
+        save(steps done) every `save_every` steps and at the end (count reached or time up)."""
+        step = self.start
+        while step < self.total(step):
+            yield step, self.total(step)
+            step += 1
+            done = step >= self.total(step) or self.out_of_time()
+            if step % save_every == 0 or done:
+                save(step)
+            if done:
+                return
+
 
 def train_vae(out: Path, steps: int, batch_size: int, seed: int, save_every: int, log, crop: int = CROP,
               freeze_encoder: bool = False, scenes: int = 4000, device: str = "cpu",
@@ -217,26 +231,24 @@ def train_vae(out: Path, steps: int, batch_size: int, seed: int, save_every: int
     batches = grouped_batches(samples, batch_size, rng)
     budget = StepBudget(steps, minutes, start, log)
     began = time.perf_counter()
-    step = start
-    while step < budget.total(step):
+
+    def save(done: int) -> None:
+        save_state(path, weights=tokenizer.state_dict(), optimizer=optimizer.state_dict(), step=done)
+
+    for step, total in budget.run(save_every, save):
         pixels = random_crops(pil_batch_to_pixels([image for image, _ in next(batches)]), crop, rng).to(device)
         with torch.set_grad_enabled(not freeze_encoder):
             mean, _ = tokenizer.posterior(pixels)
         strength = torch.rand(mean.shape[0], 1, 1, 1, generator=generator) * NOISE_STRENGTH
         noisy = mean + (strength * torch.randn(mean.shape, generator=generator)).to(device)
         loss = reconstruction_loss(tokenizer.decode(noisy), pixels)
-        set_learning_rate(optimizer, step, budget.total(step), peak=1e-3, warmup=200)
+        set_learning_rate(optimizer, step, total, peak=1e-3, warmup=200)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        step += 1
-        if step % 50 == 0:
-            log(f"vae step {step}/{budget.total(step)} loss {loss.item():.4f} ({time.perf_counter() - began:.0f}s)")
-        done = step >= budget.total(step) or budget.out_of_time()
-        if step % save_every == 0 or done:
-            save_state(path, weights=tokenizer.state_dict(), optimizer=optimizer.state_dict(), step=step)
-        if done:
-            break
+        if (step + 1) % 50 == 0:
+            log(f"vae step {step + 1}/{budget.total(step + 1)} loss {loss.item():.4f} "
+                f"({time.perf_counter() - began:.0f}s)")
     return tokenizer.eval()
 
 
@@ -354,26 +366,23 @@ def train_model(out: Path, steps: int, batch_size: int, seed: int, save_every: i
     generator = torch.Generator().manual_seed(seed + start)
     budget = StepBudget(steps, minutes, start, log)
     began = time.perf_counter()
-    step = start
-    while step < budget.total(step):
+
+    def save(done: int) -> None:
+        save_state(path, weights=model.state_dict(), optimizer=optimizer.state_dict(), step=done)
+
+    for step, total in budget.run(save_every, save):
         key = keys[rng.choice(len(keys), p=weights / weights.sum())]
         chosen = [groups[key][i] for i in rng.choice(len(groups[key]), size=batch_size, replace=False)]
         batch = make_batch(text_tokenizer, special, chosen, rng).to(device)
         losses = training_losses(model, batch, lm_loss_weight=0.01, head_repeats=4, generator=generator)
-        set_learning_rate(optimizer, step, budget.total(step), peak=lr, warmup=300)
+        set_learning_rate(optimizer, step, total, peak=lr, warmup=300)
         optimizer.zero_grad()
         losses.total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        step += 1
-        if step % 50 == 0:
-            log(f"model step {step}/{budget.total(step)} image {losses.image.item():.4f} "
+        if (step + 1) % 50 == 0:
+            log(f"model step {step + 1}/{budget.total(step + 1)} image {losses.image.item():.4f} "
                 f"text {losses.text.item():.3f} ({time.perf_counter() - began:.0f}s)")
-        done = step >= budget.total(step) or budget.out_of_time()
-        if step % save_every == 0 or done:
-            save_state(path, weights=model.state_dict(), optimizer=optimizer.state_dict(), step=step)
-        if done:
-            break
     return model.eval()
 
 
