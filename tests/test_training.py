@@ -168,3 +168,111 @@ def test_model_stage_can_start_from_an_earlier_runs_weights(tmp_path):
     after = torch.load(second / "model.pt", weights_only=True)["weights"]
     assert torch.allclose(before["image_in_projector.weight"], after["image_in_projector.weight"], atol=1e-6)
     assert "model weights from" in (second / "train.log").read_text()
+
+
+def tiny_batch(tmp_path, kind="t2i"):
+    """A fixed batch of 4 rows (t2i scenes or edit triples) with random tokens, and its tokenizer."""
+    tokenizer = load_tokenizer(write_tiny_tokenizer(tmp_path / "tok"))
+    special = SpecialIds.from_tokenizer(tokenizer)
+    generator = torch.Generator().manual_seed(3)
+    target = torch.randn(4, 16, 64, generator=generator)
+    if kind == "t2i":
+        examples = [("t2i", cap, target[i], None, (4, 4)) for i, (_, cap) in enumerate(scene_dataset(0, 4))]
+    else:
+        source = torch.randn(4, 16, 64, generator=generator)
+        examples = [("edit", f"<image> {ins}", target[i], source[i], (4, 4))
+                    for i, (_, ins, _) in enumerate(edit_dataset(3, 4))]
+    return tokenizer, make_batch(tokenizer, special, examples, np.random.default_rng(5))
+
+
+def test_input_noise_perturbs_only_the_fed_back_tokens(tmp_path):
+    from nextstep_core.objective import sequence_embeddings
+
+    tokenizer, batch = tiny_batch(tmp_path)
+    model, _ = new_demo_model(tokenizer, small_spec(), seed=0)
+    length = batch.input_ids.shape[1]
+    noise = torch.randn(4, 15, 64)
+    with torch.no_grad():
+        clean = sequence_embeddings(model, batch)
+        noisy = sequence_embeddings(model, batch, noise)
+        expected = model.image_in_projector(batch.target_tokens[:, :-1] + noise)
+    assert torch.equal(clean[:, :length], noisy[:, :length])  # the prompt is untouched
+    assert torch.allclose(noisy[:, length:], expected, atol=1e-6)
+    # the drawn strengths change the loss; no noise is the plain objective, draw for draw
+    same = [fixed_losses(model, batch).image.item() for _ in range(2)]
+    plain = training_losses(model, batch, generator=torch.Generator().manual_seed(0), head_repeats=2, input_noise=0.0)
+    noised = training_losses(model, batch, generator=torch.Generator().manual_seed(0), head_repeats=2, input_noise=0.5)
+    assert same[0] == same[1] == plain.image.item() != noised.image.item()
+
+
+def test_self_feed_trains_on_the_models_own_samples(tmp_path):
+    from nextstep_core.objective import own_samples
+
+    tokenizer, batch = tiny_batch(tmp_path)
+    model, _ = new_demo_model(tokenizer, small_spec(), seed=0)
+    length = batch.input_ids.shape[1]
+
+    def conditions_of(embeds):
+        mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(4, 15)], dim=1)
+        hidden = model.backbone(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        return model.image_out_projector(hidden[:, length - 1:]).reshape(64, -1)
+
+    own = own_samples(model, batch, conditions_of, steps=3, generator=torch.Generator().manual_seed(1))
+    again = own_samples(model, batch, conditions_of, steps=3, generator=torch.Generator().manual_seed(1))
+    assert own.shape == batch.target_tokens.shape and torch.equal(own, again) and not own.requires_grad
+    assert not torch.allclose(own, batch.target_tokens, atol=0.1)
+    # self_feed 1: every fed-back token is the model's own; the loss still targets the true tokens
+    fed = training_losses(model, batch, generator=torch.Generator().manual_seed(0), head_repeats=2, self_feed=1.0)
+    assert fed.image.item() != fixed_losses(model, batch).image.item()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    before = fed.image.item()
+    for _ in range(5):
+        optimizer.zero_grad()
+        training_losses(model, batch, head_repeats=2, self_feed=1.0).total.backward()
+        optimizer.step()
+    after = training_losses(model, batch, generator=torch.Generator().manual_seed(0), head_repeats=2, self_feed=1.0)
+    assert after.image.item() < before
+
+
+@pytest.mark.parametrize("kind", ["t2i", "edit"])
+def test_bf16_steps_lower_both_losses(tmp_path, kind):
+    from nextstep_core.train import compute_precision
+
+    tokenizer, batch = tiny_batch(tmp_path, kind)
+    model, _ = new_demo_model(tokenizer, small_spec(), seed=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def losses():
+        with compute_precision("cpu", True):
+            return fixed_losses(model, batch)
+
+    before = losses()
+    assert before.image.dtype == torch.float32  # the loss is reduced in float32
+    for _ in range(5):
+        with compute_precision("cpu", True):
+            step = training_losses(model, batch, head_repeats=2, input_noise=0.3)
+        optimizer.zero_grad()
+        step.total.backward()
+        optimizer.step()
+    after = losses()
+    assert after.image.item() < before.image.item() and after.text.item() < before.text.item()
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay float32
+
+
+def test_encoded_examples_are_cached_per_tokenizer(tmp_path):
+    from nextstep_core.train import cached_examples, save_state
+
+    torch.manual_seed(0)
+    vae = ImageTokenizer(vae_config(small_spec())).eval()
+    save_state(tmp_path / "vae.pt", weights=vae.state_dict(), optimizer={}, step=0)
+    messages = []
+    first = cached_examples(tmp_path, vae, 0, 4, 2, messages.append)
+    second = cached_examples(tmp_path, vae, 0, 4, 2, messages.append)
+    assert "encoded 6 training examples" in messages[0] and messages[1].startswith("loaded 6 encoded")
+    assert [e[:2] + e[4:] for e in first] == [e[:2] + e[4:] for e in second]
+    assert all(torch.equal(a[2], b[2]) for a, b in zip(first, second))
+    assert sum(e[3] is not None for e in second) == 2 and {e[0] for e in second} == {"t2i", "edit"}
+    # a changed tokenizer gets its own cache
+    save_state(tmp_path / "vae.pt", weights={k: v + 1 for k, v in vae.state_dict().items()}, optimizer={}, step=1)
+    cached_examples(tmp_path, vae, 0, 4, 2, messages.append)
+    assert messages[2].startswith("encoded") and len(list(tmp_path.glob("examples-*.pt"))) == 2
