@@ -20,8 +20,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checker import score
+from .checker import find_objects, parse_caption, score
+from .model import patchify, unpatchify
+from .objective import TrainingBatch, sequence_embeddings
 from .pipeline import NextStepPipeline
+from .prompt import SpecialIds, build_prompt_rows
+from .sampling import sample_token
 from .scenes import caption, random_edit, random_scene, render
 
 HELD_OUT_SEED = 1000
@@ -55,6 +59,55 @@ def tokenizer_reconstruction(image_tokenizer, scenes, dtype=torch.float32) -> di
     return {"psnr_db": float(np.mean(psnr)), "checker_score": float(np.mean(scores))}
 
 
+def attribute_rates(images, texts) -> dict:
+    """Share of captioned objects found with the right colour and position, + shape, + size."""
+    counts = np.zeros(4)
+    for image, text in zip(images, texts):
+        found = find_objects(image)
+        for spec in parse_caption(text):
+            placed = [f for f in found if (f.color, f.position) == (spec.color, spec.position)]
+            shaped = [f for f in placed if f.shape == spec.shape]
+            counts += (1, bool(placed), bool(shaped), any(f.size == spec.size for f in shaped))
+    return {"color_position": counts[1] / counts[0], "and_shape": counts[2] / counts[0],
+            "and_size": counts[3] / counts[0]}
+
+
+@torch.no_grad()
+def teacher_forced_score(pipe: NextStepPipeline, scenes, *, seed: int = 0, cfg: float | None = None,
+                         **sampling) -> float:
+    """Caption score when every image token is sampled given the TRUE tokens before it (the
+    scene's own, encoded), with guidance and the pipeline's sampler. Against the free-running
+    caption score it measures exposure bias: how much the model is thrown by its own samples."""
+    model, version = pipe.model, pipe.version
+    cfg = version.cfg if cfg is None else cfg
+    settings = pipe.sampler_settings(sampling.get("sampler", "auto"), sampling.get("steps"), sampling.get("shift"),
+                                     sampling.get("noise_level", 0.8), False, False)
+    texts = [caption(s) for s in scenes]
+    size = (scenes[0].width, scenes[0].height)
+    grid = (size[1] // pipe.pixels_per_token, size[0] // pipe.pixels_per_token)
+    pixels = torch.cat([pipe.image_tokenizer.pil_to_pixels(render(s)) for s in scenes]).to(pipe.device, pipe.dtype)
+    tokens = patchify(pipe.image_tokenizer.encode(pixels), model.config.latent_patch_size)
+    rows = build_prompt_rows(pipe.tokenizer, texts, token_grid=grid, cfg=cfg, prepend_bos=version.prepend_bos)
+    length, branches = rows.input_ids.shape[1], rows.branches
+    fed = tokens.repeat(len(branches), 1, 1)
+    batch = TrainingBatch(rows.input_ids.to(pipe.device), rows.attention_mask.to(pipe.device), fed,
+                          SpecialIds.from_tokenizer(pipe.tokenizer).placeholder)
+    mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(fed.shape[0], fed.shape[1] - 1)], dim=1)
+    hidden = model.backbone(inputs_embeds=sequence_embeddings(model, batch), attention_mask=mask).last_hidden_state
+    generator = torch.Generator().manual_seed(seed)
+    state_dtype = torch.float32 if version.noise_in_float32 else pipe.dtype
+    sampled = torch.empty_like(tokens)
+    for k in range(tokens.shape[1]):
+        condition = model.head_condition(hidden[:, length - 1 + k], k)
+        sampled[:, k] = sample_token(model.image_head.net, condition, branches=branches, cfg=cfg, cfg_img=1.0,
+                                     settings=settings, state_dtype=state_dtype,
+                                     noise=lambda: torch.randn(len(scenes), tokens.shape[2], generator=generator,
+                                                               dtype=state_dtype).to(pipe.device))
+    images = pipe.image_tokenizer.latent_to_image(unpatchify(sampled, grid, model.config.latent_patch_size))
+    return float(np.mean([score(Image.fromarray((im.cpu().numpy() * 255).round().astype(np.uint8)), text)
+                          for im, text in zip(images, texts)]))
+
+
 def evaluate(pipe: NextStepPipeline, *, captions: int = 100, edits: int = 50, seed: int = 0, batch: int = 10,
              **sampling) -> dict:
     """Scores on held-out captions and edits with the given sampler settings."""
@@ -67,6 +120,7 @@ def evaluate(pipe: NextStepPipeline, *, captions: int = 100, edits: int = 50, se
         for text, image in zip(texts[i:i + batch], result.to_pil()):
             t2i_scores.append(score(image, text))
             samples.append(image)
+    attributes = attribute_rates(samples, texts)
     edit_scores = []
     for k, (source, instruction, target) in enumerate(held_out_edits(edits)):
         result = pipe.generate(f"<image> {instruction}", image=render(source), seed=seed + k, **sampling)
@@ -74,6 +128,7 @@ def evaluate(pipe: NextStepPipeline, *, captions: int = 100, edits: int = 50, se
     return {
         "caption_score": float(np.mean(t2i_scores)),
         "caption_all_right": float(np.mean([s >= 0.999 for s in t2i_scores])),
+        "caption_objects": attributes,
         "edit_score": float(np.mean(edit_scores)) if edit_scores else None,
         **{f"tokenizer_{k}": v for k, v in tokenizer_reconstruction(pipe.image_tokenizer, scenes[:50], pipe.dtype).items()},
         "captions": captions, "edits": edits, "seconds": round(time.perf_counter() - started, 1),
@@ -101,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cfg", type=float)
     parser.add_argument("--cfg-img", type=float)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--teacher-forced", type=int, default=0, metavar="N",
+                        help="also score N held-out captions with every token sampled given the true tokens before it")
     parser.add_argument("--report", help="write the figures as JSON here")
     parser.add_argument("--grid", help="write a PNG grid of the first 32 caption samples here")
     args = parser.parse_args(argv)
@@ -109,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
                 if v is not None}
     report = evaluate(pipe, captions=args.captions, edits=args.edits, **sampling)
     samples, texts = report.pop("_samples"), report.pop("_texts")
+    if args.teacher_forced:
+        scenes = held_out_scenes(args.teacher_forced)
+        report["teacher_forced_caption_score"] = float(np.mean([
+            teacher_forced_score(pipe, scenes[i:i + 50], seed=i, **sampling) for i in range(0, len(scenes), 50)]))
     print(json.dumps(report, indent=2))
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
