@@ -4,6 +4,11 @@
     python -m nextstep_core.train model --out runs/demo --steps 8000
     python -m nextstep_core.train export --out runs/demo --to nextstep_core/demo_model
 
+To go on from an exported model instead (the shipped demo model, say):
+
+    python -m nextstep_core.train import --out runs/more --from nextstep_core/demo_model
+    python -m nextstep_core.train model --out runs/more --steps 2000 --init-from runs/more/imported_model.pt
+
 Each stage saves a resumable checkpoint (`<out>/<stage>.pt`: weights, optimiser, step) every
 `--save-every` steps and continues from it when run again. Everything is seeded: the same
 command on the same device gives the same weights (`--device cuda` trains on a GPU; random
@@ -165,7 +170,8 @@ def resume(path: Path, module: torch.nn.Module, optimizer) -> int:
     if state is None:
         return 0
     module.load_state_dict(state["weights"])
-    optimizer.load_state_dict(state["optimizer"])
+    if state["optimizer"]:  # an imported tokenizer (import_folder) comes without optimiser state
+        optimizer.load_state_dict(state["optimizer"])
     return state["step"]
 
 
@@ -430,6 +436,33 @@ def train_model(out: Path, steps: int, batch_size: int, seed: int, save_every: i
     return model.eval()
 
 
+IMPORTED_MODEL = "imported_model.pt"
+
+
+def import_folder(folder: Path, out: Path, log) -> None:
+    """Start a run from a model folder in the 1.1 release layout (an exported run, such as the
+    shipped demo model): `<out>/spec.json` takes its sizes, `<out>/vae.pt` its tokenizer (step 0,
+    no optimiser state) and `<out>/imported_model.pt` its weights, for `model --init-from`.
+    Its text tokenizer must be the one training writes (tiny_tokenizer)."""
+    from .pipeline import NextStepPipeline  # the public loader, float32
+
+    pipe = NextStepPipeline.from_folder(folder)
+    config, vae, net = pipe.model.config, pipe.image_tokenizer.config, pipe.model.image_head.net
+    training_vocab = load_tokenizer(write_tiny_tokenizer(out / "text_tokenizer", vocab_size=640)).get_vocab()
+    if pipe.tokenizer.get_vocab() != training_vocab:
+        raise SystemExit(f"{folder}: its text tokenizer is not the one training writes (tiny_tokenizer); "
+                         "only folders exported by this training can be imported")
+    run_spec(out, dict(hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+                       num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
+                       intermediate_size=config.intermediate_size,
+                       max_position_embeddings=config.max_position_embeddings,
+                       head_dim=net.input_proj.out_features, head_layers=len(net.res_blocks),
+                       vae_ch=vae.ch, vae_ch_mult=tuple(vae.ch_mult), vae_res_blocks=vae.num_res_blocks))
+    save_state(out / "vae.pt", weights=pipe.image_tokenizer.state_dict(), optimizer={}, step=0)
+    save_state(out / IMPORTED_MODEL, weights=pipe.model.state_dict(), optimizer={}, step=0)
+    log(f"imported {folder}: sizes in {SPEC_FILE}, tokenizer in vae.pt, weights in {IMPORTED_MODEL}")
+
+
 def export(out: Path, target: Path) -> Path:
     """Write the trained model in the NextStep-1.1 release layout (float16 weights)."""
     if target.exists():
@@ -454,7 +487,7 @@ def export(out: Path, target: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nextstep_core.train", description=__doc__.split("\n")[0])
-    parser.add_argument("stage", choices=["vae", "model", "export"])
+    parser.add_argument("stage", choices=["import", "vae", "model", "export"])
     parser.add_argument("--out", required=True, help="run folder (checkpoints, logs)")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -463,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crop", type=int, default=CROP, help="tokenizer stage: train on crops of this size (64: whole scenes)")
     parser.add_argument("--freeze-encoder", action="store_true",
                         help="tokenizer stage: train the decoder only (the latent space the model stage sees stays fixed)")
+    parser.add_argument("--from", dest="source", help="import stage: the model folder to start the run from")
     parser.add_argument("--to", default=str(Path(__file__).parent / "demo_model"), help="export target folder")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the same draws either way; float rounding differs)")
     parser.add_argument("--minutes", type=float,
@@ -484,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    run_spec(out, parse_size_overrides(args.size))
+    if args.stage != "import":
+        run_spec(out, parse_size_overrides(args.size))
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     def log(message: str) -> None:
@@ -492,7 +527,11 @@ def main(argv: list[str] | None = None) -> int:
         with open(out / "train.log", "a") as f:
             f.write(message + "\n")
 
-    if args.stage == "vae":
+    if args.stage == "import":
+        if not args.source:
+            raise SystemExit("import needs --from MODEL_FOLDER")
+        import_folder(Path(args.source), out, log)
+    elif args.stage == "vae":
         train_vae(out, args.steps, args.batch_size, args.seed, args.save_every, log, crop=args.crop,
                   freeze_encoder=args.freeze_encoder, scenes=args.scenes or 4000, device=args.device,
                   minutes=args.minutes)

@@ -276,3 +276,28 @@ def test_encoded_examples_are_cached_per_tokenizer(tmp_path):
     save_state(tmp_path / "vae.pt", weights={k: v + 1 for k, v in vae.state_dict().items()}, optimizer={}, step=1)
     cached_examples(tmp_path, vae, 0, 4, 2, messages.append)
     assert messages[2].startswith("encoded") and len(list(tmp_path.glob("examples-*.pt"))) == 2
+
+
+def test_a_run_can_start_from_an_exported_model_folder(tmp_path):
+    from nextstep_core.pipeline import NextStepPipeline
+    from nextstep_core.train import main, run_spec
+
+    sizes = ["--size", "vae_ch=16", "--size", "hidden_size=64", "--size", "intermediate_size=128",
+             "--size", "head_dim=64", "--size", "head_layers=2", "--size", "num_hidden_layers=2",
+             "--size", "num_attention_heads=4"]
+    first, exported, second = tmp_path / "first", tmp_path / "exported", tmp_path / "second"
+    main(["vae", "--out", str(first), "--steps", "1", "--batch-size", "2", "--scenes", "4", "--crop", "32", *sizes])
+    main(["model", "--out", str(first), "--steps", "1", "--batch-size", "2", "--scenes", "8", "--edits", "4"])
+    main(["export", "--out", str(first), "--to", str(exported)])
+    main(["import", "--out", str(second), "--from", str(exported)])
+    assert run_spec(second) == run_spec(first)
+    shipped = NextStepPipeline.from_folder(exported)
+    imported = torch.load(second / "imported_model.pt", weights_only=True)["weights"]
+    assert all(torch.equal(v, imported[k]) for k, v in shipped.model.state_dict().items())
+    main(["model", "--out", str(second), "--steps", "1", "--batch-size", "2", "--scenes", "8", "--edits", "4",
+          "--init-from", str(second / "imported_model.pt"), "--lr", "1e-12"])
+    main(["vae", "--out", str(second), "--steps", "1", "--batch-size", "2", "--scenes", "4", "--crop", "32"])
+    assert torch.load(second / "vae.pt", weights_only=True)["step"] == 1  # resumed from the imported step 0
+    write_tiny_tokenizer(exported, vocab_size=400)  # another vocabulary than training's (640)
+    with pytest.raises(SystemExit, match="text tokenizer"):
+        main(["import", "--out", str(tmp_path / "third"), "--from", str(exported)])
