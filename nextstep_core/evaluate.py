@@ -22,7 +22,7 @@ from PIL import Image
 
 from .checker import find_objects, parse_caption, score
 from .model import patchify, unpatchify
-from .objective import TrainingBatch, sequence_embeddings
+from .objective import TrainingBatch, image_conditions, sequence_embeddings
 from .pipeline import NextStepPipeline
 from .prompt import SpecialIds, build_prompt_rows
 from .sampling import sample_token
@@ -88,18 +88,16 @@ def teacher_forced_score(pipe: NextStepPipeline, scenes, *, seed: int = 0, cfg: 
     pixels = torch.cat([pipe.image_tokenizer.pil_to_pixels(render(s)) for s in scenes]).to(pipe.device, pipe.dtype)
     tokens = patchify(pipe.image_tokenizer.encode(pixels), model.config.latent_patch_size)
     rows = build_prompt_rows(pipe.tokenizer, texts, token_grid=grid, cfg=cfg, prepend_bos=version.prepend_bos)
-    length, branches = rows.input_ids.shape[1], rows.branches
+    branches = rows.branches
     fed = tokens.repeat(len(branches), 1, 1)
     batch = TrainingBatch(rows.input_ids.to(pipe.device), rows.attention_mask.to(pipe.device), fed,
                           SpecialIds.from_tokenizer(pipe.tokenizer).placeholder)
-    mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(fed.shape[0], fed.shape[1] - 1)], dim=1)
-    hidden = model.backbone(inputs_embeds=sequence_embeddings(model, batch), attention_mask=mask).last_hidden_state
+    conditions = image_conditions(model, batch, sequence_embeddings(model, batch))[1].reshape(*fed.shape[:2], -1)
     generator = torch.Generator().manual_seed(seed)
     state_dtype = torch.float32 if version.noise_in_float32 else pipe.dtype
     sampled = torch.empty_like(tokens)
     for k in range(tokens.shape[1]):
-        condition = model.head_condition(hidden[:, length - 1 + k], k)
-        sampled[:, k] = sample_token(model.image_head.net, condition, branches=branches, cfg=cfg, cfg_img=1.0,
+        sampled[:, k] = sample_token(model.image_head.net, conditions[:, k], branches=branches, cfg=cfg, cfg_img=1.0,
                                      settings=settings, state_dtype=state_dtype,
                                      noise=lambda: torch.randn(len(scenes), tokens.shape[2], generator=generator,
                                                                dtype=state_dtype).to(pipe.device))

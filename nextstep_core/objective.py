@@ -63,13 +63,27 @@ def sequence_embeddings(model: NextStepModel, batch: TrainingBatch, fed_back_noi
     return torch.cat([embeds, fed_back.to(embeds.dtype)], dim=1)
 
 
+def image_conditions(model: NextStepModel, batch: TrainingBatch, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transformer over a teacher-forcing sequence (embeds from sequence_embeddings):
+    (hidden (B, L + N - 1, hidden), head conditions (B * N, hidden) of every image token)."""
+    rows, length = batch.input_ids.shape
+    num_tokens = batch.target_tokens.shape[1]
+    mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(rows, num_tokens - 1)], dim=1)
+    positions = torch.arange(embeds.shape[1], device=embeds.device).expand(rows, -1)
+    hidden = model.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+    image_hidden = hidden[:, length - 1:]  # (B, N, hidden): boi and each fed-back token
+    if model.config.use_gen_pos_embed:
+        image_hidden = image_hidden + model.gen_pos_embed[:, :num_tokens]
+    return hidden, model.image_out_projector(image_hidden).reshape(rows * num_tokens, -1)
+
+
 @torch.no_grad()
-def own_samples(model: NextStepModel, batch: TrainingBatch, conditions_of, steps: int,
+def own_samples(model: NextStepModel, batch: TrainingBatch, steps: int,
                 generator: torch.Generator | None) -> torch.Tensor:
     """(B, N, token_dim): each image token sampled by the model itself given the TRUE tokens
     before it (one parallel pass, no guidance): the kind of imperfect token it will feed back to
     itself when generating. Euler steps of the flow ODE from noise, `steps` head evaluations."""
-    conditions = conditions_of(sequence_embeddings(model, batch))
+    conditions = image_conditions(model, batch, sequence_embeddings(model, batch))[1]
     shape = batch.target_tokens.shape
     x = torch.randn(conditions.shape[0], shape[2], generator=generator).to(conditions)
     for k in range(steps):
@@ -98,23 +112,13 @@ def training_losses(model: NextStepModel, batch: TrainingBatch, *, lm_loss_weigh
         shape = (rows, num_tokens - 1, batch.target_tokens.shape[2])
         strength = torch.rand(rows, 1, 1, generator=generator) * input_noise
         fed_back_noise = strength * torch.randn(shape, generator=generator)
-    mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(rows, num_tokens - 1)], dim=1)
-
-    def hidden_and_conditions(embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(embeds.shape[1], device=embeds.device).expand(rows, -1)
-        hidden = model.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
-        image_hidden = hidden[:, length - 1:]  # (B, N, hidden): boi and each fed-back token
-        if model.config.use_gen_pos_embed:
-            image_hidden = image_hidden + model.gen_pos_embed[:, :num_tokens]
-        return hidden, model.image_out_projector(image_hidden).reshape(rows * num_tokens, -1)
-
     fed_batch = batch
     if self_feed > 0:
-        own = own_samples(model, batch, lambda e: hidden_and_conditions(e)[1], self_feed_steps, generator)
+        own = own_samples(model, batch, self_feed_steps, generator)
         swap = (torch.rand(rows, num_tokens, 1, generator=generator) < self_feed).to(own.device)
         fed_batch = TrainingBatch(batch.input_ids, batch.attention_mask, torch.where(swap, own, batch.target_tokens),
                                   batch.placeholder_id, batch.source_tokens)
-    hidden, conditions = hidden_and_conditions(sequence_embeddings(model, fed_batch, fed_back_noise))
+    hidden, conditions = image_conditions(model, fed_batch, sequence_embeddings(model, fed_batch, fed_back_noise))
     targets = batch.target_tokens.reshape(rows * num_tokens, -1).to(conditions.dtype)
     image_loss = model.image_head.loss(targets, conditions, generator=generator, repeats=head_repeats)
 
