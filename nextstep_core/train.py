@@ -151,7 +151,7 @@ def random_crops(pixels: torch.Tensor, size: int, rng: np.random.Generator) -> t
 
 
 def compute_precision(device: str, bf16: bool):
-    """The context the forward and backward passes run in: bfloat16 autocast when `bf16` (on CPUs
+    """The context the forward pass runs in (the backward keeps its dtypes): bfloat16 autocast when `bf16` (on CPUs
     with AMX or AVX-512 BF16 its matrix products run ~6x faster than float32; on CPU the math SDPA
     kernel then trains ~1.4x faster than the flash one at these short sequences), else nothing.
     Master weights, optimiser state and losses stay float32 either way."""
@@ -325,19 +325,19 @@ def cached_examples(out: Path, tokenizer_vae: ImageTokenizer, seed: int, scenes:
     digest = hashlib.sha1(f"{seed} {scenes} {edits} {bf16}".encode())
     digest.update((out / "vae.pt").read_bytes())
     path = out / f"examples-{digest.hexdigest()[:12]}.pt"
+    device = next(tokenizer_vae.parameters()).device
     if path.is_file():
-        examples = [tuple(e) for e in torch.load(path, map_location="cpu", weights_only=True)]
+        examples = torch.load(path, map_location="cpu", weights_only=True)
         log(f"loaded {len(examples)} encoded training examples from {path.name}")
     else:
-        with torch.autocast(next(tokenizer_vae.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16):
-            examples = [(kind, text, target.float(), None if source is None else source.float(), grid)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            examples = [(kind, text, target.float().cpu(), None if source is None else source.float().cpu(), grid)
                         for kind, text, target, source, grid in
                         build_examples(tokenizer_vae, seed, scenes, edits, log)]
         tmp = path.with_suffix(".tmp")
-        torch.save([(k, t, tgt.cpu(), None if src is None else src.cpu(), list(g)) for k, t, tgt, src, g in examples], tmp)
+        torch.save(examples, tmp)
         tmp.replace(path)
-    device = next(tokenizer_vae.parameters()).device
-    return [(k, t, tgt.to(device), None if src is None else src.to(device), tuple(g)) for k, t, tgt, src, g in examples]
+    return [(k, t, tgt.to(device), None if src is None else src.to(device), g) for k, t, tgt, src, g in examples]
 
 
 def make_batch(text_tokenizer, special: SpecialIds, examples, rng: np.random.Generator) -> TrainingBatch:
