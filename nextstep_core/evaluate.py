@@ -73,33 +73,51 @@ def attribute_rates(images, texts) -> dict:
 
 
 @torch.no_grad()
-def teacher_forced_score(pipe: NextStepPipeline, scenes, *, seed: int = 0, cfg: float | None = None,
-                         **sampling) -> float:
+def teacher_forced_score(pipe: NextStepPipeline, scenes=None, *, edits=None, seed: int = 0, cfg: float | None = None,
+                         cfg_img: float | None = None, **sampling) -> float:
     """Caption score when every image token is sampled given the TRUE tokens before it (the
     scene's own, encoded), with guidance and the pipeline's sampler. Against the free-running
-    caption score it measures exposure bias: how much the model is thrown by its own samples."""
+    caption score it measures exposure bias: how much the model is thrown by its own samples.
+
+    edits: (source, instruction, target) triples of one size instead (scenes is then ignored):
+    the same for edit instructions, scored against the target's caption."""
+    if (scenes is None) == (edits is None):
+        raise ValueError("give scenes or edits")
     model, version = pipe.model, pipe.version
+    editing = edits is not None
+    targets = [e[2] for e in edits] if editing else list(scenes)
     cfg = version.cfg if cfg is None else cfg
+    cfg_img = (version.edit_cfg_img if editing else 1.0) if cfg_img is None else cfg_img
     settings = pipe.sampler_settings(sampling.get("sampler", "auto"), sampling.get("steps"), sampling.get("shift"),
-                                     sampling.get("noise_level", 0.8), False, False)
-    texts = [caption(s) for s in scenes]
-    size = (scenes[0].width, scenes[0].height)
+                                     sampling.get("noise_level", 0.8), False, editing)
+    texts = [caption(s) for s in targets]
+    size = (targets[0].width, targets[0].height)
     grid = (size[1] // pipe.pixels_per_token, size[0] // pipe.pixels_per_token)
-    pixels = torch.cat([pipe.image_tokenizer.pil_to_pixels(render(s)) for s in scenes]).to(pipe.device, pipe.dtype)
-    tokens = patchify(pipe.image_tokenizer.encode(pixels), model.config.latent_patch_size)
-    rows = build_prompt_rows(pipe.tokenizer, texts, token_grid=grid, cfg=cfg, prepend_bos=version.prepend_bos)
+
+    def encode(images):
+        pixels = torch.cat([pipe.image_tokenizer.pil_to_pixels(render(s)) for s in images]).to(pipe.device, pipe.dtype)
+        return patchify(pipe.image_tokenizer.encode(pixels), model.config.latent_patch_size)
+
+    tokens = encode(targets)
+    prompts = [f"<image> {e[1]}" for e in edits] if editing else texts
+    rows = build_prompt_rows(pipe.tokenizer, prompts, token_grid=grid, edit_grid=grid if editing else None, cfg=cfg,
+                             cfg_img=cfg_img, prepend_bos=version.prepend_bos)
     branches = rows.branches
+    sources = None
+    if editing:
+        source_tokens = encode([e[0] for e in edits])
+        sources = source_tokens.repeat(len(branches), 1, 1)[rows.image_rows]
     fed = tokens.repeat(len(branches), 1, 1)
     batch = TrainingBatch(rows.input_ids.to(pipe.device), rows.attention_mask.to(pipe.device), fed,
-                          SpecialIds.from_tokenizer(pipe.tokenizer).placeholder)
+                          SpecialIds.from_tokenizer(pipe.tokenizer).placeholder, sources)
     conditions = image_conditions(model, batch, sequence_embeddings(model, batch))[1].reshape(*fed.shape[:2], -1)
     generator = torch.Generator().manual_seed(seed)
     state_dtype = torch.float32 if version.noise_in_float32 else pipe.dtype
     sampled = torch.empty_like(tokens)
     for k in range(tokens.shape[1]):
-        sampled[:, k] = sample_token(model.image_head.net, conditions[:, k], branches=branches, cfg=cfg, cfg_img=1.0,
+        sampled[:, k] = sample_token(model.image_head.net, conditions[:, k], branches=branches, cfg=cfg, cfg_img=cfg_img,
                                      settings=settings, state_dtype=state_dtype,
-                                     noise=lambda: torch.randn(len(scenes), tokens.shape[2], generator=generator,
+                                     noise=lambda: torch.randn(len(targets), tokens.shape[2], generator=generator,
                                                                dtype=state_dtype).to(pipe.device))
     images = pipe.image_tokenizer.latent_to_image(unpatchify(sampled, grid, model.config.latent_patch_size))
     return float(np.mean([score(Image.fromarray((im.cpu().numpy() * 255).round().astype(np.uint8)), text)
@@ -155,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cfg-img", type=float)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--teacher-forced", type=int, default=0, metavar="N",
-                        help="also score N held-out captions with every token sampled given the true tokens before it")
+                        help="also score N held-out captions (and up to --edits edits) with every token sampled given "
+                             "the true tokens before it")
     parser.add_argument("--report", help="write the figures as JSON here")
     parser.add_argument("--grid", help="write a PNG grid of the first 32 caption samples here")
     args = parser.parse_args(argv)
@@ -168,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         scenes = held_out_scenes(args.teacher_forced)
         report["teacher_forced_caption_score"] = float(np.mean([
             teacher_forced_score(pipe, scenes[i:i + 50], seed=i, **sampling) for i in range(0, len(scenes), 50)]))
+        edits = held_out_edits(min(args.teacher_forced, args.edits))
+        if edits:
+            report["teacher_forced_edit_score"] = float(np.mean([
+                teacher_forced_score(pipe, edits=edits[i:i + 50], seed=i, **sampling)
+                for i in range(0, len(edits), 50)]))
     print(json.dumps(report, indent=2))
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)

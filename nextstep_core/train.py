@@ -382,13 +382,31 @@ def new_demo_model(text_tokenizer, spec: TinySpec, seed: int) -> tuple[NextStepM
     return NextStepModel(NextStepConfig.from_dict(config_dict), spec.head_dim, spec.head_layers), config_dict
 
 
+def group_weights(keys: list[tuple], sizes: list[int], edit_share: float | None = None) -> np.ndarray:
+    """Probability of drawing each (kind, grid) group for a batch: its share of the examples, or,
+    with `edit_share`, that share of all batches split among the edit groups by size (the rest
+    among the text-to-image groups the same way)."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    if edit_share is None:
+        return sizes / sizes.sum()
+    if not 0 <= edit_share <= 1:
+        raise SystemExit(f"--edit-share {edit_share} must be between 0 and 1")
+    is_edit = np.array([kind == "edit" for kind, _ in keys])
+    if not is_edit.any() or is_edit.all():
+        raise SystemExit("--edit-share needs both edit and text-to-image examples (--edits and --scenes above 0)")
+    return np.where(is_edit, edit_share * sizes / sizes[is_edit].sum(),
+                    (1 - edit_share) * sizes / sizes[~is_edit].sum())
+
+
 def train_model(out: Path, steps: int, batch_size: int, seed: int, save_every: int, log,
                 scenes: int = 12000, edits: int = 6000, device: str = "cpu",
                 minutes: float | None = None, init_from: Path | None = None, lr: float = 5e-4,
-                input_noise: float = 0.0, self_feed: float = 0.0, bf16: bool = False) -> NextStepModel:
+                input_noise: float = 0.0, self_feed: float = 0.0, bf16: bool = False,
+                edit_share: float | None = None) -> NextStepModel:
     """The model stage. `init_from` (a model.pt of an earlier run of the same sizes) starts a new
     run from those weights, with a fresh optimiser and schedule (ignored when resuming).
-    `input_noise`, `self_feed`: see objective.training_losses. `bf16`: see compute_precision."""
+    `input_noise`, `self_feed`: see objective.training_losses. `bf16`: see compute_precision.
+    `edit_share`: see group_weights."""
     spec = run_spec(out)
     text_folder = write_tiny_tokenizer(out / "text_tokenizer", vocab_size=640)
     text_tokenizer = load_tokenizer(text_folder)
@@ -409,7 +427,7 @@ def train_model(out: Path, steps: int, batch_size: int, seed: int, save_every: i
     for example in examples:
         groups.setdefault((example[0], example[4]), []).append(example)
     keys = list(groups)
-    weights = np.array([len(groups[k]) for k in keys], dtype=np.float64)
+    weights = group_weights(keys, [len(groups[k]) for k in keys], edit_share)
     rng = np.random.default_rng(seed + start)
     generator = torch.Generator().manual_seed(seed + start)
     budget = StepBudget(steps, minutes, start, log)
@@ -419,7 +437,7 @@ def train_model(out: Path, steps: int, batch_size: int, seed: int, save_every: i
         save_state(path, weights=model.state_dict(), optimizer=optimizer.state_dict(), step=done)
 
     for step, total in budget.run(save_every, save):
-        key = keys[rng.choice(len(keys), p=weights / weights.sum())]
+        key = keys[rng.choice(len(keys), p=weights)]
         chosen = [groups[key][i] for i in rng.choice(len(groups[key]), size=batch_size, replace=False)]
         batch = make_batch(text_tokenizer, special, chosen, rng).to(device)
         with compute_precision(device, bf16):
@@ -509,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="model stage: noise strength U(0, this) on the image tokens fed back to the transformer")
     parser.add_argument("--self-feed", type=float, default=0.0,
                         help="model stage: share of fed-back image tokens replaced by the model's own samples of them")
+    parser.add_argument("--edit-share", type=float,
+                        help="model stage: share of batches drawn from the edit examples (default: their share of the data)")
     parser.add_argument("--bf16", action="store_true",
                         help="bfloat16 autocast for the forward/backward passes and the tokenizer's encoding "
                              "(float32 weights and optimiser; much faster on CPUs with AMX)")
@@ -538,7 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.stage == "model":
         train_model(out, args.steps, args.batch_size, args.seed, args.save_every, log, scenes=args.scenes or 12000,
                     edits=args.edits, device=args.device, minutes=args.minutes, init_from=args.init_from,
-                    lr=args.lr, input_noise=args.input_noise, self_feed=args.self_feed, bf16=args.bf16)
+                    lr=args.lr, input_noise=args.input_noise, self_feed=args.self_feed, bf16=args.bf16,
+                    edit_share=args.edit_share)
     else:
         log(f"exported to {export(out, Path(args.to))}")
     return 0

@@ -53,3 +53,13 @@ def test_teacher_forced_score_of_the_demo_model(demo):
 
     scenes = held_out_scenes(20)
     assert teacher_forced_score(demo, scenes, steps=8) >= 0.8
+
+
+def test_teacher_forced_edit_score_of_the_demo_model(demo):
+    """The same for edits: fed the true target tokens before each one, the edit comes out right."""
+    from nextstep_core.evaluate import held_out_edits, teacher_forced_score
+
+    edits = held_out_edits(12)
+    assert teacher_forced_score(demo, edits=edits, steps=8) >= 0.75
+    with pytest.raises(ValueError, match="scenes or edits"):
+        teacher_forced_score(demo)

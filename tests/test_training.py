@@ -294,3 +294,19 @@ def test_a_run_can_start_from_an_exported_model_folder(tmp_path):
     write_tiny_tokenizer(exported, vocab_size=400)  # another vocabulary than training's (640)
     with pytest.raises(SystemExit, match="text tokenizer"):
         main(["import", "--out", str(tmp_path / "third"), "--from", str(exported)])
+
+
+def test_edit_share_sets_the_share_of_edit_batches():
+    from nextstep_core.train import group_weights
+
+    keys = [("t2i", (4, 4)), ("edit", (4, 4)), ("t2i", (4, 8)), ("edit", (4, 8))]
+    sizes = [300, 100, 100, 50]
+    assert np.allclose(group_weights(keys, sizes), np.array(sizes) / 550)  # default: by the data
+    weights = group_weights(keys, sizes, edit_share=0.7)
+    assert np.isclose(weights.sum(), 1.0)
+    assert np.isclose(weights[[1, 3]].sum(), 0.7) and np.isclose(weights[1] / weights[3], 2.0)
+    assert np.isclose(weights[0] / weights[2], 3.0)
+    with pytest.raises(SystemExit, match="--edit-share 1.5 must be between 0 and 1"):
+        group_weights(keys, sizes, edit_share=1.5)
+    with pytest.raises(SystemExit, match="needs both edit and text-to-image"):
+        group_weights(keys[:1], sizes[:1], edit_share=0.5)
