@@ -79,8 +79,8 @@ def teacher_forced_score(pipe: NextStepPipeline, scenes=None, *, edits=None, see
     scene's own, encoded), with guidance and the pipeline's sampler. Against the free-running
     caption score it measures exposure bias: how much the model is thrown by its own samples.
 
-    edits: (source, instruction, target) triples of one size instead (scenes is then ignored):
-    the same for edit instructions, scored against the target's caption."""
+    edits: (source, instruction, target) triples of one size instead of scenes (give one of the
+    two): the same for edit instructions, scored against the target's caption."""
     if (scenes is None) == (edits is None):
         raise ValueError("give scenes or edits")
     model, version = pipe.model, pipe.version
@@ -184,14 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate(pipe, captions=args.captions, edits=args.edits, **sampling)
     samples, texts = report.pop("_samples"), report.pop("_texts")
     if args.teacher_forced:
-        scenes = held_out_scenes(args.teacher_forced)
-        report["teacher_forced_caption_score"] = float(np.mean([
-            teacher_forced_score(pipe, scenes[i:i + 50], seed=i, **sampling) for i in range(0, len(scenes), 50)]))
+        def in_chunks_of_50(kind, items):
+            return float(np.mean([teacher_forced_score(pipe, **{kind: items[i:i + 50]}, seed=i, **sampling)
+                                  for i in range(0, len(items), 50)]))
+
+        report["teacher_forced_caption_score"] = in_chunks_of_50("scenes", held_out_scenes(args.teacher_forced))
         edits = held_out_edits(min(args.teacher_forced, args.edits))
         if edits:
-            report["teacher_forced_edit_score"] = float(np.mean([
-                teacher_forced_score(pipe, edits=edits[i:i + 50], seed=i, **sampling)
-                for i in range(0, len(edits), 50)]))
+            report["teacher_forced_edit_score"] = in_chunks_of_50("edits", edits)
     print(json.dumps(report, indent=2))
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
