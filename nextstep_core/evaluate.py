@@ -26,7 +26,7 @@ from .objective import TrainingBatch, image_conditions, sequence_embeddings
 from .pipeline import NextStepPipeline
 from .prompt import SpecialIds, build_prompt_rows
 from .sampling import sample_token
-from .scenes import caption, random_edit, random_scene, render
+from .scenes import EDIT_KINDS, caption, random_edit, random_scene, render
 
 HELD_OUT_SEED = 1000
 EDIT_SEED = 2000
@@ -124,6 +124,12 @@ def teacher_forced_score(pipe: NextStepPipeline, scenes=None, *, edits=None, see
                           for im, text in zip(images, texts)]))
 
 
+def edit_kind(instruction: str) -> str:
+    """The EDIT_KINDS entry an instruction of scenes.random_edit's grammar belongs to."""
+    verb = instruction.split()[0]
+    return {"make": "recolour", "move": "move", "add": "add", "remove": "remove"}[verb]
+
+
 def evaluate(pipe: NextStepPipeline, *, captions: int = 100, edits: int = 50, seed: int = 0, batch: int = 10,
              **sampling) -> dict:
     """Scores on held-out captions and edits with the given sampler settings."""
@@ -137,15 +143,20 @@ def evaluate(pipe: NextStepPipeline, *, captions: int = 100, edits: int = 50, se
             t2i_scores.append(score(image, text))
             samples.append(image)
     attributes = attribute_rates(samples, texts)
-    edit_scores = []
+    edit_scores, copy_scores, kinds = [], [], []
     for k, (source, instruction, target) in enumerate(held_out_edits(edits)):
         result = pipe.generate(f"<image> {instruction}", image=render(source), seed=seed + k, **sampling)
         edit_scores.append(score(result.to_pil()[0], caption(target)))
+        copy_scores.append(score(render(source), caption(target)))
+        kinds.append(edit_kind(instruction))
     return {
         "caption_score": float(np.mean(t2i_scores)),
         "caption_all_right": float(np.mean([s >= 0.999 for s in t2i_scores])),
         "caption_objects": attributes,
         "edit_score": float(np.mean(edit_scores)) if edit_scores else None,
+        "edit_kinds": {kind: float(np.mean([s for s, k in zip(edit_scores, kinds) if k == kind]))
+                       for kind in EDIT_KINDS if kind in kinds},
+        "edit_copy_score": float(np.mean(copy_scores)) if copy_scores else None,
         **{f"tokenizer_{k}": v for k, v in tokenizer_reconstruction(pipe.image_tokenizer, scenes[:50], pipe.dtype).items()},
         "captions": captions, "edits": edits, "seconds": round(time.perf_counter() - started, 1),
         "settings": {k: v for k, v in sampling.items()},

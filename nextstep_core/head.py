@@ -103,22 +103,28 @@ class FlowHead(nn.Module):
         self.net = FlowNet(token_dim, cond_dim, dim, layers)
 
     def loss(self, tokens: torch.Tensor, condition: torch.Tensor, generator: torch.Generator | None = None,
-             repeats: int = 1) -> torch.Tensor:
+             repeats: int = 1, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Flow-matching loss on clean tokens (rows, token_dim) given conditions (rows, cond_dim).
 
         t = sigmoid(u), u ~ N(0, 1) (logit-normal); each row is repeated `repeats` times with
-        fresh noise and time (the paper's `fm_head_batch_mul`).
+        fresh noise and time (the paper's `fm_head_batch_mul`). `weights` (rows,): a weighted
+        mean over the rows instead of the plain mean.
         """
         if repeats > 1:
             tokens = tokens.repeat(repeats, 1)
             condition = condition.repeat(repeats, 1)
+            weights = None if weights is None else weights.repeat(repeats)
         draw_on = generator.device if generator is not None else tokens.device  # a CPU generator serves a GPU run
         noise = torch.randn(tokens.shape, generator=generator, device=draw_on, dtype=tokens.dtype).to(tokens.device)
         u = torch.randn(tokens.shape[0], generator=generator, device=draw_on).to(tokens.device)
         t = torch.sigmoid(u).to(tokens.dtype)
         x_t = t[:, None] * tokens + (1 - t[:, None]) * noise
         velocity = self.net(x_t, t, condition)
-        return (velocity.float() - (tokens - noise).float()).pow(2).mean()
+        squared_error = (velocity.float() - (tokens - noise).float()).pow(2)
+        if weights is None:
+            return squared_error.mean()
+        weights = weights.float().to(squared_error.device)
+        return (squared_error.mean(dim=1) * weights).sum() / weights.sum()
 
 
 Product = Callable[[torch.Tensor], torch.Tensor]  # x (rows, in) -> (rows, out)

@@ -92,10 +92,33 @@ def own_samples(model: NextStepModel, batch: TrainingBatch, steps: int,
     return x.reshape(shape).to(batch.target_tokens.dtype)
 
 
+CHANGED_TOKEN_RMS = 0.25  # a target token counts as edited when it differs from the source's by more (RMS)
+
+
+def edited_token_weights(batch: TrainingBatch, changed_weight: float,
+                         threshold: float = CHANGED_TOKEN_RMS) -> torch.Tensor | None:
+    """(B * N,) flow-loss weights: `changed_weight` for the image tokens of edit rows that differ
+    from the source image's token at the same position (RMS difference above `threshold`), 1 for
+    every other token; None when there is nothing to weight. Most of an edit's target is a copy
+    of its source, so without this the few edited tokens carry little of the loss. Edit rows
+    come first in a batch (one source per edit row, as TrainingBatch says)."""
+    if changed_weight == 1.0 or batch.source_tokens is None:
+        return None
+    edits = batch.source_tokens.shape[0]
+    targets = batch.target_tokens[:edits]
+    if batch.source_tokens.shape != targets.shape:
+        raise ValueError(f"changed_weight needs edit sources of the target's size: source tokens "
+                         f"{tuple(batch.source_tokens.shape)}, target tokens {tuple(targets.shape)}")
+    difference = (targets.float() - batch.source_tokens.float()).pow(2).mean(dim=-1).sqrt()
+    weights = torch.ones(batch.target_tokens.shape[:2], device=difference.device)
+    weights[:edits] = torch.where(difference > threshold, changed_weight, 1.0)
+    return weights.reshape(-1)
+
+
 def training_losses(model: NextStepModel, batch: TrainingBatch, *, lm_loss_weight: float = 0.01,
                     im_loss_weight: float = 1.0, head_repeats: int = 4,
                     generator: torch.Generator | None = None, input_noise: float = 0.0,
-                    self_feed: float = 0.0, self_feed_steps: int = 4) -> Losses:
+                    self_feed: float = 0.0, self_feed_steps: int = 4, changed_weight: float = 1.0) -> Losses:
     """Both losses on one batch, weighted as the config's lm_loss_weight / im_loss_weight.
 
     input_noise > 0: the image tokens fed back into the transformer get Gaussian noise of a
@@ -104,6 +127,8 @@ def training_losses(model: NextStepModel, batch: TrainingBatch, *, lm_loss_weigh
     without it the demo model scores 0.95 when fed the true tokens but 0.50 on its own).
     self_feed > 0: that share of the fed-back tokens (drawn per token) is replaced by the model's
     own samples of them (own_samples), a cheap one-step form of scheduled sampling.
+    changed_weight != 1: the flow loss weights the edited tokens of edit rows by it
+    (edited_token_weights).
     """
     rows, length = batch.input_ids.shape
     num_tokens = batch.target_tokens.shape[1]
@@ -120,7 +145,8 @@ def training_losses(model: NextStepModel, batch: TrainingBatch, *, lm_loss_weigh
                                   batch.placeholder_id, batch.source_tokens)
     hidden, conditions = image_conditions(model, fed_batch, sequence_embeddings(model, fed_batch, fed_back_noise))
     targets = batch.target_tokens.reshape(rows * num_tokens, -1).to(conditions.dtype)
-    image_loss = model.image_head.loss(targets, conditions, generator=generator, repeats=head_repeats)
+    image_loss = model.image_head.loss(targets, conditions, generator=generator, repeats=head_repeats,
+                                       weights=edited_token_weights(batch, changed_weight))
 
     text_loss = hidden.new_zeros(())
     if model.lm_head is not None and lm_loss_weight > 0 and length > 1:

@@ -402,11 +402,11 @@ def train_model(out: Path, steps: int, batch_size: int, seed: int, save_every: i
                 scenes: int = 12000, edits: int = 6000, device: str = "cpu",
                 minutes: float | None = None, init_from: Path | None = None, lr: float = 5e-4,
                 input_noise: float = 0.0, self_feed: float = 0.0, bf16: bool = False,
-                edit_share: float | None = None) -> NextStepModel:
+                edit_share: float | None = None, changed_weight: float = 1.0) -> NextStepModel:
     """The model stage. `init_from` (a model.pt of an earlier run of the same sizes) starts a new
     run from those weights, with a fresh optimiser and schedule (ignored when resuming).
     `input_noise`, `self_feed`: see objective.training_losses. `bf16`: see compute_precision.
-    `edit_share`: see group_weights."""
+    `edit_share`: see group_weights. `changed_weight`: see objective.edited_token_weights."""
     spec = run_spec(out)
     text_folder = write_tiny_tokenizer(out / "text_tokenizer", vocab_size=640)
     text_tokenizer = load_tokenizer(text_folder)
@@ -442,7 +442,7 @@ def train_model(out: Path, steps: int, batch_size: int, seed: int, save_every: i
         batch = make_batch(text_tokenizer, special, chosen, rng).to(device)
         with compute_precision(device, bf16):
             losses = training_losses(model, batch, lm_loss_weight=0.01, head_repeats=4, generator=generator,
-                                     input_noise=input_noise, self_feed=self_feed)
+                                     input_noise=input_noise, self_feed=self_feed, changed_weight=changed_weight)
         set_learning_rate(optimizer, step, total, peak=lr, warmup=300)
         optimizer.zero_grad()
         losses.total.backward()
@@ -529,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="model stage: share of fed-back image tokens replaced by the model's own samples of them")
     parser.add_argument("--edit-share", type=float,
                         help="model stage: share of batches drawn from the edit examples (default: their share of the data)")
+    parser.add_argument("--changed-weight", type=float, default=1.0,
+                        help="model stage: flow-loss weight of the edited tokens of edit examples (those that "
+                             "differ from the source image's; every other token weighs 1)")
     parser.add_argument("--bf16", action="store_true",
                         help="bfloat16 autocast for the forward/backward passes and the tokenizer's encoding "
                              "(float32 weights and optimiser; much faster on CPUs with AMX)")
@@ -536,6 +539,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a size of demo_spec() (TinySpec field, e.g. vae_ch=64, vae_ch_mult=1,2,2,2, "
                              "hidden_size=256); kept in <out>/spec.json for the later stages")
     args = parser.parse_args(argv)
+    if args.edit_share is not None and not 0 <= args.edit_share <= 1:  # before minutes of encoding
+        raise SystemExit(f"--edit-share {args.edit_share} must be between 0 and 1")
+    if args.changed_weight <= 0:
+        raise SystemExit(f"--changed-weight {args.changed_weight} must be above 0")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.stage != "import":
@@ -559,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         train_model(out, args.steps, args.batch_size, args.seed, args.save_every, log, scenes=args.scenes or 12000,
                     edits=args.edits, device=args.device, minutes=args.minutes, init_from=args.init_from,
                     lr=args.lr, input_noise=args.input_noise, self_feed=args.self_feed, bf16=args.bf16,
-                    edit_share=args.edit_share)
+                    edit_share=args.edit_share, changed_weight=args.changed_weight)
     else:
         log(f"exported to {export(out, Path(args.to))}")
     return 0

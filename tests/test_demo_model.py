@@ -63,3 +63,16 @@ def test_teacher_forced_edit_score_of_the_demo_model(demo):
     assert teacher_forced_score(demo, edits=edits, steps=8) >= 0.75
     with pytest.raises(ValueError, match="scenes or edits"):
         teacher_forced_score(demo)
+
+
+def test_every_held_out_edit_has_a_kind_and_copying_the_source_scores_below_the_goal():
+    from nextstep_core.checker import score
+    from nextstep_core.evaluate import edit_kind, held_out_edits
+    from nextstep_core.scenes import EDIT_KINDS, caption, render
+
+    edits = held_out_edits(50)
+    kinds = [edit_kind(instruction) for _, instruction, _ in edits]
+    assert set(kinds) == set(EDIT_KINDS)
+    assert edit_kind("remove the red circle") == "remove" and edit_kind("make the red circle blue") == "recolour"
+    copied = sum(score(render(source), caption(target)) for source, _, target in edits) / len(edits)
+    assert 0.4 < copied < 0.8  # the baseline an edit score is read against (0.65 in session 5)

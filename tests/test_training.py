@@ -310,3 +310,71 @@ def test_edit_share_sets_the_share_of_edit_batches():
         group_weights(keys, sizes, edit_share=1.5)
     with pytest.raises(SystemExit, match="needs both edit and text-to-image"):
         group_weights(keys[:1], sizes[:1], edit_share=0.5)
+
+
+def test_edit_share_and_changed_weight_are_checked_before_any_work(tmp_path):
+    from nextstep_core.train import main
+
+    with pytest.raises(SystemExit, match="--edit-share -0.5 must be between 0 and 1"):
+        main(["model", "--out", str(tmp_path / "run"), "--edit-share", "-0.5"])
+    with pytest.raises(SystemExit, match="--changed-weight 0.0 must be above 0"):
+        main(["model", "--out", str(tmp_path / "run"), "--changed-weight", "0"])
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made
+
+
+def test_changed_weight_weights_only_the_edited_tokens_of_edit_rows():
+    from nextstep_core.objective import TrainingBatch, edited_token_weights
+
+    source = torch.zeros(2, 4, 64)
+    target = source.clone()
+    target[0, 1] = 1.0  # row 0: token 1 edited
+    target[1, 3] = 0.1  # row 1: token 3 barely changed (below the threshold)
+    t2i_target = torch.ones(1, 4, 64)  # a text-to-image row: never weighted
+    batch = TrainingBatch(torch.zeros(3, 5, dtype=torch.long), torch.ones(3, 5, dtype=torch.long),
+                          torch.cat([target, t2i_target]), placeholder_id=7, source_tokens=source)
+    weights = edited_token_weights(batch, 5.0)
+    assert weights.tolist() == [1, 5, 1, 1] + [1, 1, 1, 1] + [1, 1, 1, 1]
+    assert edited_token_weights(batch, 1.0) is None
+    assert edited_token_weights(TrainingBatch(batch.input_ids, batch.attention_mask, batch.target_tokens), 5.0) is None
+    uneven = TrainingBatch(batch.input_ids, batch.attention_mask, torch.zeros(3, 8, 64), 7, source)
+    with pytest.raises(ValueError, match="edit sources of the target's size"):
+        edited_token_weights(uneven, 5.0)
+
+
+def test_weighted_flow_loss_is_the_weighted_mean_of_the_rows(tmp_path):
+    tokenizer = load_tokenizer(write_tiny_tokenizer(tmp_path / "tok"))
+    model, _ = new_demo_model(tokenizer, small_spec(), seed=0)
+    head = model.image_head
+    tokens, conditions = torch.randn(3, 64), torch.randn(3, head.net.cond_embed.in_features)
+
+    def loss(weights=None, repeats=1):
+        return head.loss(tokens, conditions, generator=torch.Generator().manual_seed(9), weights=weights,
+                         repeats=repeats).item()
+
+    rows = [loss(torch.eye(3)[i]) for i in range(3)]  # the same draws, one row at a time
+    assert len(set(rows)) == 3
+    assert loss() == pytest.approx(np.mean(rows), rel=1e-5)
+    assert loss(torch.tensor([2.0, 1.0, 1.0])) == pytest.approx((2 * rows[0] + rows[1] + rows[2]) / 4, rel=1e-5)
+    assert loss(torch.tensor([3.0, 3.0, 3.0]), repeats=2) == pytest.approx(loss(repeats=2), rel=1e-5)
+
+
+def test_training_losses_pass_the_edited_token_weights_to_the_flow_loss(tmp_path):
+    tokenizer = load_tokenizer(write_tiny_tokenizer(tmp_path / "tok"))
+    special = SpecialIds.from_tokenizer(tokenizer)
+    model, _ = new_demo_model(tokenizer, small_spec(), seed=0)
+    source = torch.randn(4, 16, 64)
+    target = source.clone()
+    target[:, :3] = torch.randn(4, 3, 64)  # the first 3 tokens of each target edited
+    triples = edit_dataset(3, 4)
+    examples = [("edit", f"<image> {ins}", target[i], source[i], (4, 4)) for i, (_, ins, _) in enumerate(triples)]
+    batch = make_batch(tokenizer, special, examples, np.random.default_rng(5))
+
+    def image_loss(weight):
+        return training_losses(model, batch, generator=torch.Generator().manual_seed(0), head_repeats=1,
+                               changed_weight=weight).image.item()
+
+    assert image_loss(1.0) != pytest.approx(image_loss(5.0), rel=1e-4)
+    plain = make_batch(tokenizer, special, [("t2i", "a red circle", target[0], None, (4, 4))] * 2,
+                       np.random.default_rng(0))
+    assert training_losses(model, plain, generator=torch.Generator().manual_seed(0), changed_weight=5.0).image.item() \
+        == training_losses(model, plain, generator=torch.Generator().manual_seed(0)).image.item()
