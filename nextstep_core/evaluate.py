@@ -145,9 +145,10 @@ def evaluate(pipe: NextStepPipeline, *, captions: int = 100, edits: int = 50, se
     attributes = attribute_rates(samples, texts)
     edit_scores, copy_scores, kinds = [], [], []
     for k, (source, instruction, target) in enumerate(held_out_edits(edits)):
-        result = pipe.generate(f"<image> {instruction}", image=render(source), seed=seed + k, **sampling)
-        edit_scores.append(score(result.to_pil()[0], caption(target)))
-        copy_scores.append(score(render(source), caption(target)))
+        source_image, target_caption = render(source), caption(target)
+        result = pipe.generate(f"<image> {instruction}", image=source_image, seed=seed + k, **sampling)
+        edit_scores.append(score(result.to_pil()[0], target_caption))
+        copy_scores.append(score(source_image, target_caption))
         kinds.append(edit_kind(instruction))
     return {
         "caption_score": float(np.mean(t2i_scores)),

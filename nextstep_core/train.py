@@ -382,6 +382,12 @@ def new_demo_model(text_tokenizer, spec: TinySpec, seed: int) -> tuple[NextStepM
     return NextStepModel(NextStepConfig.from_dict(config_dict), spec.head_dim, spec.head_layers), config_dict
 
 
+def check_edit_share(edit_share: float | None) -> None:
+    """SystemExit unless `--edit-share` is unset or between 0 and 1."""
+    if edit_share is not None and not 0 <= edit_share <= 1:
+        raise SystemExit(f"--edit-share {edit_share} must be between 0 and 1")
+
+
 def group_weights(keys: list[tuple], sizes: list[int], edit_share: float | None = None) -> np.ndarray:
     """Probability of drawing each (kind, grid) group for a batch: its share of the examples, or,
     with `edit_share`, that share of all batches split among the edit groups by size (the rest
@@ -389,8 +395,7 @@ def group_weights(keys: list[tuple], sizes: list[int], edit_share: float | None 
     sizes = np.asarray(sizes, dtype=np.float64)
     if edit_share is None:
         return sizes / sizes.sum()
-    if not 0 <= edit_share <= 1:
-        raise SystemExit(f"--edit-share {edit_share} must be between 0 and 1")
+    check_edit_share(edit_share)
     is_edit = np.array([kind == "edit" for kind, _ in keys])
     if not is_edit.any() or is_edit.all():
         raise SystemExit("--edit-share needs both edit and text-to-image examples (--edits and --scenes above 0)")
@@ -539,8 +544,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a size of demo_spec() (TinySpec field, e.g. vae_ch=64, vae_ch_mult=1,2,2,2, "
                              "hidden_size=256); kept in <out>/spec.json for the later stages")
     args = parser.parse_args(argv)
-    if args.edit_share is not None and not 0 <= args.edit_share <= 1:  # before minutes of encoding
-        raise SystemExit(f"--edit-share {args.edit_share} must be between 0 and 1")
+    check_edit_share(args.edit_share)  # here too: group_weights runs only after minutes of encoding
     if args.changed_weight <= 0:
         raise SystemExit(f"--changed-weight {args.changed_weight} must be above 0")
     out = Path(args.out)
