@@ -31,16 +31,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nextstep_core.checkpoint import NEXTSTEP_1_1, NextStepConfig  # noqa: E402
-from nextstep_core.model import NextStepModel  # noqa: E402
-from nextstep_core.offload import disable_block_swap, enable_block_swap  # noqa: E402
+from nextstep_core.demo.tiny import TinySpec, tiny_config_dict  # noqa: E402
+from nextstep_core.demo.tiny_tokenizer import write_tiny_tokenizer  # noqa: E402
+from nextstep_core.engine.checkpoint import NEXTSTEP_1_1, NextStepConfig  # noqa: E402
+from nextstep_core.engine.model import NextStepModel  # noqa: E402
+from nextstep_core.engine.precision import Fp8Linear, fp8_linear_names, parse_precision, quantize_rows_into  # noqa: E402
+from nextstep_core.engine.prompt import SpecialIds, load_tokenizer  # noqa: E402
+from nextstep_core.engine.vae import ImageTokenizer, VaeConfig  # noqa: E402
+from nextstep_core.memory.offload import disable_block_swap, enable_block_swap  # noqa: E402
 from nextstep_core.pipeline import NextStepPipeline  # noqa: E402
-from nextstep_core.precision import Fp8Linear, fp8_linear_names, parse_precision, quantize_rows_into  # noqa: E402
-from nextstep_core.prompt import SpecialIds, load_tokenizer  # noqa: E402
-from nextstep_core.sampling import head_evaluations  # noqa: E402
-from nextstep_core.tiny import TinySpec, tiny_config_dict  # noqa: E402
-from nextstep_core.tiny_tokenizer import write_tiny_tokenizer  # noqa: E402
-from nextstep_core.vae import ImageTokenizer, VaeConfig  # noqa: E402
+from nextstep_core.sampling.samplers import head_evaluations  # noqa: E402
 
 SHAPES = {
     "14b": dict(spec=TinySpec(hidden_size=5120, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,

@@ -21,12 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nextstep_core.checkpoint import inspect_model_folder  # noqa: E402
-from nextstep_core.memory_plan import GIB, Request, choose_plan, estimate  # noqa: E402
-from nextstep_core.memory_probe import load_peak_rss, measure_generation, prompt_length  # noqa: E402
+from nextstep_core.demo.tiny import TinySpec, write_tiny_model  # noqa: E402
+from nextstep_core.engine.checkpoint import inspect_model_folder  # noqa: E402
+from nextstep_core.engine.precision import parameter_bytes  # noqa: E402
+from nextstep_core.memory.plan import GIB, Request, choose_plan, estimate  # noqa: E402
+from nextstep_core.memory.probe import load_peak_rss, measure_generation, prompt_length  # noqa: E402
 from nextstep_core.pipeline import NextStepPipeline  # noqa: E402
-from nextstep_core.precision import parameter_bytes  # noqa: E402
-from nextstep_core.tiny import TinySpec, write_tiny_model  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[1] / "nextstep_core" / "demo_model"
 MEDIUM = TinySpec(hidden_size=1024, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=4,
@@ -78,11 +78,11 @@ def write_shapes_only(root: Path) -> Path:
     """A 14B-shaped model folder whose weights file has headers but no data (enough for the planner)."""
     import struct
 
-    from nextstep_core.model import NextStepModel
-    from nextstep_core.checkpoint import NextStepConfig
-    from nextstep_core.tiny import tiny_config_dict, tiny_vae_config
-    from nextstep_core.tiny_tokenizer import write_tiny_tokenizer
-    from nextstep_core.vae import random_flux_state_dict, save_image_tokenizer
+    from nextstep_core.demo.tiny import tiny_config_dict, tiny_vae_config
+    from nextstep_core.demo.tiny_tokenizer import write_tiny_tokenizer
+    from nextstep_core.engine.checkpoint import NextStepConfig
+    from nextstep_core.engine.model import NextStepModel
+    from nextstep_core.engine.vae import random_flux_state_dict, save_image_tokenizer
 
     folder = root / "NextStep-14B-shapes"
     folder.mkdir()

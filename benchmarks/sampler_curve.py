@@ -20,16 +20,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from nextstep_core.evaluate import evaluate  # noqa: E402
-from nextstep_core.pipeline import NextStepPipeline  # noqa: E402
-from nextstep_core.sampling import head_evaluations  # noqa: E402
 from pil_plot import Panel, plot_panels  # noqa: E402
+
+from nextstep_core.demo.evaluate import evaluate  # noqa: E402
+from nextstep_core.pipeline import NextStepPipeline  # noqa: E402
+from nextstep_core.sampling.samplers import head_evaluations  # noqa: E402
 
 DEFAULT_CONFIGS = ["sde:8", "sde:14", "ode:8", "ode:16", "ode:28", "heun:2", "heun:4", "midpoint:2", "midpoint:4",
                    "dpm2m:4", "dpm2m:8", "dpm2m:12", "dpm2m_sde:4", "dpm2m_sde:8"]

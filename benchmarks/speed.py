@@ -39,10 +39,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nextstep_core.head import ONEDNN, FlowNet, column_linear, exact_product, fast_product, onednn_linear  # noqa: E402
+from nextstep_core.demo.tiny import TinySpec, write_tiny_model  # noqa: E402
+from nextstep_core.engine.head import ONEDNN, FlowNet, column_linear, exact_product, fast_product, onednn_linear  # noqa: E402
 from nextstep_core.pipeline import NextStepPipeline  # noqa: E402
-from nextstep_core.sampling import head_evaluations  # noqa: E402
-from nextstep_core.tiny import TinySpec, write_tiny_model  # noqa: E402
+from nextstep_core.sampling.samplers import head_evaluations  # noqa: E402
 
 REAL_HEAD = TinySpec(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                      intermediate_size=512, head_dim=1536, head_layers=12, weight_dtype="bfloat16", shards=1)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from .errors import NextStepError
-from .sampling import SAMPLERS
+from .sampling.samplers import SAMPLERS
 
 DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
 

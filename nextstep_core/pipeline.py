@@ -19,17 +19,23 @@ import torch
 from PIL import Image
 from transformers import DynamicCache, StaticCache
 
-from .checkpoint import VersionSettings, inspect_model_folder
-from .decode import (DecodeRequest, GenerationInterrupted, ProgressCallback, cpu_threads, decode_tokens,
-                     runs_best_on_one_thread)
+from .engine.checkpoint import VersionSettings, inspect_model_folder
+from .engine.model import NextStepModel, load_model, patchify, unpatchify
+from .engine.precision import parse_precision
+from .engine.prompt import IMAGE_MARKER, PLACEHOLDER, PromptRows, build_prompt_rows, load_tokenizer
+from .engine.vae import ImageTokenizer, load_image_tokenizer
 from .errors import NextStepError
-from .model import NextStepModel, load_model, patchify, unpatchify
-from .offload import check_block_swap, enable_block_swap
-from .precision import parse_precision
-from .prompt import IMAGE_MARKER, PLACEHOLDER, PromptRows, build_prompt_rows, load_tokenizer
-from .reference_loop import decode_tokens_reference
-from .sampling import CFG_SCHEDULES, RECOMMENDED_STEPS, SamplerSettings
-from .vae import ImageTokenizer, load_image_tokenizer
+from .memory.offload import check_block_swap, enable_block_swap
+from .sampling.reference_loop import decode_tokens_reference
+from .sampling.samplers import CFG_SCHEDULES, RECOMMENDED_STEPS, SamplerSettings
+from .sampling.token_loop import (
+    DecodeRequest,
+    GenerationInterrupted,
+    ProgressCallback,
+    cpu_threads,
+    decode_tokens,
+    runs_best_on_one_thread,
+)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -103,7 +109,7 @@ class NextStepPipeline:
     def from_folder(cls, model_folder: str | Path, vae_folder: str | Path | None = None, *, version: str = "auto",
                     dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
                     precision: str | None = None, block_swap: int = 0,
-                    fp8_compute: torch.dtype = torch.bfloat16) -> "NextStepPipeline":
+                    fp8_compute: torch.dtype = torch.bfloat16) -> NextStepPipeline:
         """Load a model folder as published (and its image tokenizer folder) onto `device` in `dtype`.
 
         precision (bf16, fp16, fp32, fp8_e4m3fn; see precision.py) overrides dtype; fp8 keeps the

@@ -9,12 +9,19 @@ from pathlib import Path
 import folder_paths
 from comfy_api.latest import io
 
-from ..nextstep_core.checkpoint import TOKENIZER_FILES, inspect_model_folder
 from ..nextstep_core.cli import DEMO_MODEL
+from ..nextstep_core.engine.checkpoint import TOKENIZER_FILES, inspect_model_folder
 from ..nextstep_core.errors import NextStepError
 from ..nextstep_core.pipeline import NextStepPipeline
-from .model import (AUTO_SWAP, DTYPE_CHOICES, NextStepModelType, NextStepVAEType, offload_device, plan_memory,
-                    wrap_pipeline)
+from .model import (
+    AUTO_SWAP,
+    DTYPE_CHOICES,
+    NextStepModelType,
+    NextStepVAEType,
+    offload_device,
+    plan_memory,
+    wrap_pipeline,
+)
 
 FOLDER = "nextstep"  # models/nextstep/, and the key for extra_model_paths.yaml
 DEMO_NAME = "nextstep-demo"  # how the embedded demo model is listed

@@ -17,6 +17,7 @@ on the GPU after a run or on unload are dropped (`release_swap`, the ON_DETACH c
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import comfy.model_management as mm
@@ -25,7 +26,7 @@ import torch
 from comfy.patcher_extension import CallbacksMP
 from comfy_api.latest import io
 
-from ..nextstep_core.memory_plan import Request, choose_plan
+from ..nextstep_core.memory.plan import Request, choose_plan
 from ..nextstep_core.pipeline import NextStepPipeline
 
 NextStepModelType = io.Custom("NEXTSTEP_MODEL")
@@ -60,7 +61,7 @@ def plan_memory(files, dtype: str, block_swap: int) -> tuple[str, int]:
     return plan.precision, plan.block_swap
 
 
-def release_swap(loaded: "LoadedNextStep") -> None:
+def release_swap(loaded: LoadedNextStep) -> None:
     """Drop the block swap's compute copies (the layer prefetched for a next forward) after a run."""
     swap = getattr(loaded.pipe.model, "block_swap", None)
     if swap is not None:

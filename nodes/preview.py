@@ -20,7 +20,7 @@ import torch
 from comfy.cli_args import LatentPreviewMethod, args
 from PIL import Image
 
-from ..nextstep_core.model import unpatchify
+from ..nextstep_core.engine.model import unpatchify
 from .model import LoadedImageTokenizer
 
 PREVIEW_INTERVAL_S = 0.25  # at most this often (besides the first and the last token)

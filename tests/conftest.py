@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nextstep_core.tiny import write_tiny_model
+from nextstep_core.demo.tiny import write_tiny_model
 
 torch.set_num_threads(2)
 

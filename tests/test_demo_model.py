@@ -5,8 +5,8 @@ import json
 import pytest
 from PIL import Image
 
-from nextstep_core.checkpoint import inspect_model_folder
 from nextstep_core.cli import DEMO_MODEL
+from nextstep_core.engine.checkpoint import inspect_model_folder
 from nextstep_core.pipeline import NextStepPipeline
 
 
@@ -37,8 +37,8 @@ def test_demo_model_edits(demo):
 
 
 def test_attribute_rates_on_true_and_wrong_scenes():
-    from nextstep_core.evaluate import attribute_rates, held_out_scenes
-    from nextstep_core.scenes import caption, render
+    from nextstep_core.demo.evaluate import attribute_rates, held_out_scenes
+    from nextstep_core.demo.scenes import caption, render
 
     scenes = held_out_scenes(20)
     images, texts = [render(s) for s in scenes], [caption(s) for s in scenes]
@@ -49,7 +49,7 @@ def test_attribute_rates_on_true_and_wrong_scenes():
 
 def test_teacher_forced_score_of_the_demo_model(demo):
     """Fed the true tokens, the demo model draws what the caption says (it scores ~0.95 on 100)."""
-    from nextstep_core.evaluate import held_out_scenes, teacher_forced_score
+    from nextstep_core.demo.evaluate import held_out_scenes, teacher_forced_score
 
     scenes = held_out_scenes(20)
     assert teacher_forced_score(demo, scenes, steps=8) >= 0.8
@@ -57,7 +57,7 @@ def test_teacher_forced_score_of_the_demo_model(demo):
 
 def test_teacher_forced_edit_score_of_the_demo_model(demo):
     """The same for edits: fed the true target tokens before each one, the edit comes out right."""
-    from nextstep_core.evaluate import held_out_edits, teacher_forced_score
+    from nextstep_core.demo.evaluate import held_out_edits, teacher_forced_score
 
     edits = held_out_edits(12)
     assert teacher_forced_score(demo, edits=edits, steps=8) >= 0.75
@@ -66,9 +66,9 @@ def test_teacher_forced_edit_score_of_the_demo_model(demo):
 
 
 def test_every_held_out_edit_has_a_kind_and_copying_the_source_scores_below_the_goal():
-    from nextstep_core.checker import score
-    from nextstep_core.evaluate import edit_kind, held_out_edits
-    from nextstep_core.scenes import EDIT_KINDS, caption, render
+    from nextstep_core.demo.checker import score
+    from nextstep_core.demo.evaluate import edit_kind, held_out_edits
+    from nextstep_core.demo.scenes import EDIT_KINDS, caption, render
 
     edits = held_out_edits(50)
     kinds = [edit_kind(instruction) for _, instruction, _ in edits]

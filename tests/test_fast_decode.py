@@ -6,11 +6,26 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import nextstep_core.engine.head as head_module
+from nextstep_core.engine.head import (
+    FlowNet,
+    TokenHead,
+    addmm_rows,
+    column_linear,
+    exact_product,
+    fast_product,
+    onednn_linear,
+)
 from nextstep_core.errors import NextStepError
-import nextstep_core.head as head_module
-from nextstep_core.head import FlowNet, TokenHead, addmm_rows, column_linear, exact_product, fast_product, onednn_linear
-from nextstep_core.sampling import (FEW_STEP_SAMPLERS, RECOMMENDED_STEPS, SAMPLERS, SamplerSettings,
-                                    evaluation_times, head_evaluations, run_sampler)
+from nextstep_core.sampling.samplers import (
+    FEW_STEP_SAMPLERS,
+    RECOMMENDED_STEPS,
+    SAMPLERS,
+    SamplerSettings,
+    evaluation_times,
+    head_evaluations,
+    run_sampler,
+)
 
 PROMPTS = ["a red circle", "two small blue squares at the top"]
 
@@ -199,8 +214,8 @@ def test_cli_offers_every_sampler():
 def test_small_models_sample_on_one_thread_and_give_the_count_back(pipe_1_1):
     """Tiny/demo-sized weights: the token loop runs on one CPU thread (waking a second one costs
     more than the work); the caller's thread count comes back, also after an interrupt."""
-    from nextstep_core.decode import runs_best_on_one_thread
     from nextstep_core.pipeline import GenerationInterrupted
+    from nextstep_core.sampling.token_loop import runs_best_on_one_thread
 
     assert runs_best_on_one_thread(pipe_1_1.model, torch.device("cpu"))
     assert not runs_best_on_one_thread(pipe_1_1.model, torch.device("cuda"))

@@ -85,7 +85,7 @@ def test_kv_cached_loop_matches_a_full_forward(pipe_name, request, monkeypatch):
     result = pipe.generate(["a red circle", "two blue squares"], width=32, height=32, cfg=3.0, **FAST)
     monkeypatch.undo()
 
-    from nextstep_core.prompt import build_prompt_rows
+    from nextstep_core.engine.prompt import build_prompt_rows
 
     rows = build_prompt_rows(pipe.tokenizer, ["a red circle", "two blue squares"], token_grid=(2, 2), cfg=3.0,
                              prepend_bos=pipe.version.prepend_bos)

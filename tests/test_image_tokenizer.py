@@ -5,8 +5,7 @@ import json
 import pytest
 import torch
 
-from nextstep_core.errors import NextStepError
-from nextstep_core.vae import (
+from nextstep_core.engine.vae import (
     ImageTokenizer,
     VaeConfig,
     build_autoencoder,
@@ -17,6 +16,7 @@ from nextstep_core.vae import (
     random_flux_state_dict,
     save_image_tokenizer,
 )
+from nextstep_core.errors import NextStepError
 
 TINY = dict(ch=32, ch_mult=[1, 1, 1, 1], num_res_blocks=1, z_channels=16)
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from nextstep_core.checkpoint import inspect_model_folder
+from nextstep_core.demo.tiny import VAE_FOLDER_1_0, TinySpec, write_tiny_model
+from nextstep_core.engine.checkpoint import inspect_model_folder
+from nextstep_core.engine.model import load_model
 from nextstep_core.errors import NextStepError
-from nextstep_core.model import load_model
 from nextstep_core.pipeline import NextStepPipeline
-from nextstep_core.tiny import VAE_FOLDER_1_0, TinySpec, write_tiny_model
 
 
 def checkpoint_tensors(folder):

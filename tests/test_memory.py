@@ -5,15 +5,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from nextstep_core.checkpoint import inspect_model_folder
+from nextstep_core.demo.evaluate import evaluate
+from nextstep_core.demo.tiny import TinySpec, write_tiny_model
+from nextstep_core.engine.checkpoint import inspect_model_folder, save_converted
+from nextstep_core.engine.precision import Fp8Linear, parameter_bytes, parse_precision, quantize_weight
 from nextstep_core.errors import NextStepError
-from nextstep_core.evaluate import evaluate
-from nextstep_core.memory_plan import GIB, RESERVE_BYTES, RESERVE_FRACTION, Request, choose_plan, estimate
-from nextstep_core.memory_probe import load_peak_rss, measure_generation, prompt_length
-from nextstep_core.offload import enable_block_swap
+from nextstep_core.memory.offload import enable_block_swap
+from nextstep_core.memory.plan import GIB, RESERVE_BYTES, RESERVE_FRACTION, Request, choose_plan, estimate
+from nextstep_core.memory.probe import load_peak_rss, measure_generation, prompt_length
 from nextstep_core.pipeline import NextStepPipeline
-from nextstep_core.precision import Fp8Linear, parameter_bytes, parse_precision, quantize_weight, save_converted
-from nextstep_core.tiny import TinySpec, write_tiny_model
 
 DEMO = Path(__file__).resolve().parent.parent / "nextstep_core" / "demo_model"
 # ~140 M parameters, 270 MB in bf16 over 6 shards: "a few hundred MB" that loads in seconds.

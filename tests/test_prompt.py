@@ -12,10 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from nextstep_core.demo.tiny_tokenizer import BOS, EOS, NEXTSTEP_SPECIAL_TOKENS, special_token_ids, write_tiny_tokenizer
+from nextstep_core.engine.prompt import (
+    SPECIAL,
+    PromptRows,
+    SpecialIds,
+    build_prompt_rows,
+    check_edit_caption,
+    check_placeholders,
+    count_image_markers,
+    guidance_branches,
+    load_tokenizer,
+)
 from nextstep_core.errors import NextStepError
-from nextstep_core.prompt import (SPECIAL, PromptRows, SpecialIds, build_prompt_rows, check_edit_caption,
-                                  check_placeholders, count_image_markers, guidance_branches, load_tokenizer)
-from nextstep_core.tiny_tokenizer import BOS, EOS, NEXTSTEP_SPECIAL_TOKENS, special_token_ids, write_tiny_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -111,7 +120,7 @@ def test_tiny_tokenizer_is_qwen2_style(tok, tok_folder):
     from tokenizers import Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-    from nextstep_core.tiny_tokenizer import QWEN2_SPLIT_PATTERN
+    from nextstep_core.demo.tiny_tokenizer import QWEN2_SPLIT_PATTERN
 
     assert QWEN2_SPLIT_PATTERN == PRETOKENIZE_REGEX
     saved = Tokenizer.from_file(str(tok_folder / "tokenizer.json"))
@@ -124,7 +133,7 @@ def test_tiny_tokenizer_is_deterministic(tmp_path, tok_folder, bos_tok_folder):
     again = write_tiny_tokenizer(tmp_path / "again")
     for name in TOKENIZER_FILES:
         assert sha256(again / name) == sha256(tok_folder / name)
-    script = ("import sys; from nextstep_core.tiny_tokenizer import write_tiny_tokenizer as w; "
+    script = ("import sys; from nextstep_core.demo.tiny_tokenizer import write_tiny_tokenizer as w; "
               "w(sys.argv[1], with_bos=True)")
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "other")], check=True,
                    cwd=Path(__file__).resolve().parents[1])

@@ -7,9 +7,9 @@ special-token ids, following the reference's section 6, not by calling build_pro
 import pytest
 import torch
 
+from nextstep_core.demo.tiny_tokenizer import write_tiny_tokenizer
+from nextstep_core.engine.prompt import SpecialIds, build_prompt_rows, load_tokenizer
 from nextstep_core.errors import NextStepError
-from nextstep_core.prompt import SpecialIds, build_prompt_rows, load_tokenizer
-from nextstep_core.tiny_tokenizer import write_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
+from nextstep_core.engine.head import FlowNet, timestep_features
 from nextstep_core.errors import NextStepError
-from nextstep_core.head import FlowNet, timestep_features
-from nextstep_core.sampling import (
+from nextstep_core.sampling.samplers import (
     SamplerSettings,
     clamp_velocity_norm,
     combine_guidance,

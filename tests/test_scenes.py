@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from nextstep_core.checker import (
+from nextstep_core.demo.checker import (
     BackgroundSpec,
     ObjectSpec,
     find_background,
@@ -16,8 +16,7 @@ from nextstep_core.checker import (
     score,
     score_edit,
 )
-from nextstep_core.errors import NextStepError
-from nextstep_core.scenes import (
+from nextstep_core.demo.scenes import (
     COLORS,
     EDIT_KINDS,
     PALETTE,
@@ -32,6 +31,7 @@ from nextstep_core.scenes import (
     render,
     scene_dataset,
 )
+from nextstep_core.errors import NextStepError
 
 SIZES = [(64, 64), (128, 64), (64, 128), (128, 128)]
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nextstep_core.model import patchify, unpatchify
+from nextstep_core.engine.model import patchify, unpatchify
 
 
 def test_patchify_layout_by_hand():

@@ -7,13 +7,20 @@ import numpy as np
 import pytest
 import torch
 
-from nextstep_core.model import patchify
-from nextstep_core.objective import training_losses
-from nextstep_core.prompt import SpecialIds, load_tokenizer
-from nextstep_core.scenes import edit_dataset, scene_dataset
-from nextstep_core.tiny_tokenizer import write_tiny_tokenizer
-from nextstep_core.train import demo_spec, make_batch, new_demo_model, pil_batch_to_pixels, reconstruction_loss, vae_config
-from nextstep_core.vae import ImageTokenizer
+from nextstep_core.demo.objective import training_losses
+from nextstep_core.demo.scenes import edit_dataset, scene_dataset
+from nextstep_core.demo.tiny_tokenizer import write_tiny_tokenizer
+from nextstep_core.demo.train import (
+    demo_spec,
+    make_batch,
+    new_demo_model,
+    pil_batch_to_pixels,
+    reconstruction_loss,
+    vae_config,
+)
+from nextstep_core.engine.model import patchify
+from nextstep_core.engine.prompt import SpecialIds, load_tokenizer
+from nextstep_core.engine.vae import ImageTokenizer
 
 
 def small_spec():
@@ -85,7 +92,7 @@ def test_tokenizer_reconstruction_step_lowers_the_loss():
 
 def test_decoder_only_tokenizer_training_keeps_the_latent_space(tmp_path):
     """`train vae --freeze-encoder` resumes the stage and changes the decoder only."""
-    from nextstep_core.train import load_trained_vae, train_vae
+    from nextstep_core.demo.train import load_trained_vae, train_vae
 
     train_vae(tmp_path, steps=1, batch_size=2, seed=0, save_every=1, log=print, crop=32, scenes=8)
     first = load_trained_vae(tmp_path).autoencoder
@@ -100,7 +107,7 @@ def test_decoder_only_tokenizer_training_keeps_the_latent_space(tmp_path):
 
 def test_size_overrides_are_kept_for_the_later_stages(tmp_path):
     """`--size` on the tokenizer stage shapes the tokenizer that the model stage and export load."""
-    from nextstep_core.train import load_trained_vae, main, parse_size_overrides, run_spec
+    from nextstep_core.demo.train import load_trained_vae, main, parse_size_overrides, run_spec
 
     assert parse_size_overrides(["vae_ch=16", "vae_ch_mult=1,1,2,2"]) == {"vae_ch": 16, "vae_ch_mult": (1, 1, 2, 2)}
     for bad in (["vae_ch"], ["colour=3"], ["vae_ch=big"]):
@@ -115,7 +122,7 @@ def test_size_overrides_are_kept_for_the_later_stages(tmp_path):
 
 
 def test_a_run_keeps_its_sizes_when_the_demo_sizes_change(tmp_path, monkeypatch):
-    import nextstep_core.train as train
+    import nextstep_core.demo.train as train
 
     original = train.run_spec(tmp_path, {}).hidden_size  # a stage started from the command line, no overrides
     monkeypatch.setitem(train.DEMO_SIZES, "hidden_size", 999)
@@ -124,7 +131,7 @@ def test_a_run_keeps_its_sizes_when_the_demo_sizes_change(tmp_path, monkeypatch)
 
 
 def test_warm_up_does_not_depend_on_the_total_and_the_schedule_ends_at_zero():
-    from nextstep_core.train import set_learning_rate
+    from nextstep_core.demo.train import set_learning_rate
 
     def rate(step, steps):
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -137,7 +144,7 @@ def test_warm_up_does_not_depend_on_the_total_and_the_schedule_ends_at_zero():
 
 
 def test_a_time_budget_fixes_the_step_count_after_the_probe():
-    from nextstep_core.train import StepBudget
+    from nextstep_core.demo.train import StepBudget
 
     messages = []
     budget = StepBudget(0, minutes=0.5, start=0, log=messages.append, probe=3)
@@ -151,7 +158,7 @@ def test_a_time_budget_fixes_the_step_count_after_the_probe():
 
 
 def test_model_stage_can_start_from_an_earlier_runs_weights(tmp_path):
-    from nextstep_core.train import main
+    from nextstep_core.demo.train import main
 
     sizes = ["--size", "vae_ch=16", "--size", "hidden_size=64", "--size", "intermediate_size=128",
              "--size", "head_dim=64", "--size", "head_layers=2", "--size", "num_hidden_layers=2",
@@ -186,7 +193,7 @@ def tiny_batch(tmp_path, kind="t2i"):
 
 
 def test_input_noise_perturbs_only_the_fed_back_tokens(tmp_path):
-    from nextstep_core.objective import sequence_embeddings
+    from nextstep_core.demo.objective import sequence_embeddings
 
     tokenizer, batch = tiny_batch(tmp_path)
     model, _ = new_demo_model(tokenizer, small_spec(), seed=0)
@@ -206,7 +213,7 @@ def test_input_noise_perturbs_only_the_fed_back_tokens(tmp_path):
 
 
 def test_self_feed_trains_on_the_models_own_samples(tmp_path):
-    from nextstep_core.objective import own_samples
+    from nextstep_core.demo.objective import own_samples
 
     tokenizer, batch = tiny_batch(tmp_path)
     model, _ = new_demo_model(tokenizer, small_spec(), seed=0)
@@ -229,7 +236,7 @@ def test_self_feed_trains_on_the_models_own_samples(tmp_path):
 
 @pytest.mark.parametrize("kind", ["t2i", "edit"])
 def test_bf16_steps_lower_both_losses(tmp_path, kind):
-    from nextstep_core.train import compute_precision
+    from nextstep_core.demo.train import compute_precision
 
     tokenizer, batch = tiny_batch(tmp_path, kind)
     model, _ = new_demo_model(tokenizer, small_spec(), seed=0)
@@ -253,7 +260,7 @@ def test_bf16_steps_lower_both_losses(tmp_path, kind):
 
 
 def test_encoded_examples_are_cached_per_tokenizer(tmp_path):
-    from nextstep_core.train import cached_examples, save_state
+    from nextstep_core.demo.train import cached_examples, save_state
 
     torch.manual_seed(0)
     vae = ImageTokenizer(vae_config(small_spec())).eval()
@@ -272,8 +279,8 @@ def test_encoded_examples_are_cached_per_tokenizer(tmp_path):
 
 
 def test_a_run_can_start_from_an_exported_model_folder(tmp_path):
+    from nextstep_core.demo.train import main, run_spec
     from nextstep_core.pipeline import NextStepPipeline
-    from nextstep_core.train import main, run_spec
 
     sizes = ["--size", "vae_ch=16", "--size", "hidden_size=64", "--size", "intermediate_size=128",
              "--size", "head_dim=64", "--size", "head_layers=2", "--size", "num_hidden_layers=2",
@@ -297,7 +304,7 @@ def test_a_run_can_start_from_an_exported_model_folder(tmp_path):
 
 
 def test_edit_share_sets_the_share_of_edit_batches():
-    from nextstep_core.train import group_weights
+    from nextstep_core.demo.train import group_weights
 
     keys = [("t2i", (4, 4)), ("edit", (4, 4)), ("t2i", (4, 8)), ("edit", (4, 8))]
     sizes = [300, 100, 100, 50]
@@ -313,7 +320,7 @@ def test_edit_share_sets_the_share_of_edit_batches():
 
 
 def test_edit_share_and_changed_weight_are_checked_before_any_work(tmp_path):
-    from nextstep_core.train import main
+    from nextstep_core.demo.train import main
 
     with pytest.raises(SystemExit, match="--edit-share -0.5 must be between 0 and 1"):
         main(["model", "--out", str(tmp_path / "run"), "--edit-share", "-0.5"])
@@ -323,7 +330,7 @@ def test_edit_share_and_changed_weight_are_checked_before_any_work(tmp_path):
 
 
 def test_changed_weight_weights_only_the_edited_tokens_of_edit_rows():
-    from nextstep_core.objective import TrainingBatch, edited_token_weights
+    from nextstep_core.demo.objective import TrainingBatch, edited_token_weights
 
     source = torch.zeros(2, 4, 64)
     target = source.clone()

@@ -1,4 +1,4 @@
-"""nextstep_core.vae: config, Flux <-> diffusers names, the Flux forward, latent maths, files and refusals."""
+"""nextstep_core.engine.vae: config, Flux <-> diffusers names, the Flux forward, latent maths, files and refusals."""
 
 import json
 import math
@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from nextstep_core.errors import NextStepError
-from nextstep_core.vae import (
+from nextstep_core.engine.vae import (
     ImageTokenizer,
     VaeConfig,
     diffusers_keys_to_flux,
@@ -23,6 +22,7 @@ from nextstep_core.vae import (
     random_flux_state_dict,
     save_image_tokenizer,
 )
+from nextstep_core.errors import NextStepError
 
 # ch_mult with a channel change at level 1 gives both encoder and decoder a shortcut conv.
 TINY = {"ch": 32, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "z_channels": 16}

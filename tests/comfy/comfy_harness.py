@@ -74,7 +74,7 @@ class ComfyServer:
 
     # ----- life cycle -----
 
-    def start(self, timeout: float = 180) -> "ComfyServer":
+    def start(self, timeout: float = 180) -> ComfyServer:
         command = [
             sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
             "--disable-auto-launch", "--base-directory", str(self.base),

@@ -10,14 +10,13 @@ from __future__ import annotations
 import pytest
 from comfy_harness import COMFY_DIR, EXAMPLE_IMAGE, PACK_NAME, REPO, ComfyServer, write_example_image
 
-
 FLUX_FILES = [("diffusion_models", "flux1-dev.safetensors"), ("text_encoders", "clip_l.safetensors"),
               ("text_encoders", "t5xxl_fp8_e4m3fn.safetensors"), ("vae", "ae.safetensors")]
 
 
 def write_models(models):
     from nextstep_core.cli import DEMO_MODEL
-    from nextstep_core.tiny import write_tiny_model
+    from nextstep_core.demo.tiny import write_tiny_model
 
     nextstep = models / "nextstep"
     write_tiny_model(nextstep, version="1.1", name="NextStep-1.1", seed=2)

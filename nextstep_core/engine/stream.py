@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import NextStepError
+from ..errors import NextStepError
 from .precision import quantize_rows_into
 
 SAFETENSORS_DTYPES = {
@@ -56,7 +56,7 @@ class SafetensorsFile:
             begin, end = info["data_offsets"]
             self.entries[name] = (SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), start + begin, end - begin)
 
-    def __enter__(self) -> "SafetensorsFile":
+    def __enter__(self) -> SafetensorsFile:
         return self
 
     def __exit__(self, *exc) -> None:

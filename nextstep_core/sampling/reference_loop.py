@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from .decode import DecodeRequest, NoiseStream, report_progress
-from .sampling import guidance_scales, normalize_token, sample_token
+from .samplers import guidance_scales, normalize_token, sample_token
+from .token_loop import DecodeRequest, NoiseStream, report_progress
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Measure prompt-following on held-out scenes: the checker's score for captions and edits, and
 the tokenizer's reconstruction PSNR.
 
-    python -m nextstep_core.evaluate --model nextstep_core/demo_model --report benchmarks/demo_eval.json \
+    python -m nextstep_core.demo.evaluate --model nextstep_core/demo_model --report benchmarks/demo_eval.json \
         --grid docs/demo_samples.png
 
 Held-out prompts come from seeds the training never uses (training: 0-2; here 1000+), so the
@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..engine.model import patchify, unpatchify
+from ..engine.prompt import SpecialIds, build_prompt_rows
+from ..pipeline import NextStepPipeline
+from ..sampling.samplers import sample_token
 from .checker import find_objects, parse_caption, score
-from .model import patchify, unpatchify
 from .objective import TrainingBatch, image_conditions, sequence_embeddings
-from .pipeline import NextStepPipeline
-from .prompt import SpecialIds, build_prompt_rows
-from .sampling import sample_token
 from .scenes import EDIT_KINDS, caption, random_edit, random_scene, render
 
 HELD_OUT_SEED = 1000
@@ -175,8 +175,8 @@ def sample_grid(images: list[Image.Image], columns: int = 8) -> Image.Image:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nextstep_core.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=str(Path(__file__).parent / "demo_model"))
+    parser = argparse.ArgumentParser(prog="python -m nextstep_core.demo.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=str(Path(__file__).parent.parent / "demo_model"))
     parser.add_argument("--captions", type=int, default=100)
     parser.add_argument("--edits", type=int, default=50)
     parser.add_argument("--sampler", default="auto")

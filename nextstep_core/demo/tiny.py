@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from .checkpoint import NextStepConfig
-from .model import NextStepModel
+from ..engine.checkpoint import NextStepConfig, save_sharded
+from ..engine.model import NextStepModel
+from ..engine.vae import VaeConfig, random_flux_state_dict, save_image_tokenizer
 from .tiny_tokenizer import write_tiny_tokenizer
-from .vae import VaeConfig, random_flux_state_dict, save_image_tokenizer
 
 VAE_FOLDER_1_0 = "NextStep-1-f8ch16-Tokenizer"
 
@@ -105,23 +104,6 @@ def release_state_dict(model: NextStepModel) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_sharded(folder: Path, tensors: dict[str, torch.Tensor], shards: int) -> None:
-    """Write tensors as `model-0000i-of-0000n.safetensors` + index (or one model.safetensors)."""
-    names = list(tensors)
-    if shards <= 1:
-        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        return
-    per_shard = -(-len(names) // shards)
-    weight_map = {}
-    for i in range(shards):
-        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {n: tensors[n] for n in names[i * per_shard:(i + 1) * per_shard]}
-        save_file(part, str(folder / file), metadata={"format": "pt"})
-        weight_map.update({n: file for n in part})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
 
 def tiny_vae_config(spec: TinySpec, version: str) -> VaeConfig:
     fields = {"resolution": 256, "in_channels": 3, "ch": spec.vae_ch, "out_ch": 3, "ch_mult": list(spec.vae_ch_mult),
@@ -139,7 +121,7 @@ def write_tiny_model(root: str | Path, *, version: str = "1.1", name: str | None
     folder = root / (name or f"tiny-nextstep-{version}")
     folder.mkdir(parents=True, exist_ok=True)
     write_tiny_tokenizer(folder, with_bos=spec.tokenizer_bos)
-    from .prompt import SpecialIds, load_tokenizer
+    from ..engine.prompt import SpecialIds, load_tokenizer
 
     tokenizer = load_tokenizer(folder)
     special = SpecialIds.from_tokenizer(tokenizer)

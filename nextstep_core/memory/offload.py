@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import NextStepError
+from ..errors import NextStepError
 
 
 def check_block_swap(count: int, num_layers: int) -> None:

@@ -36,8 +36,10 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
-from .errors import NextStepError
-from .sampling import COND, UNCOND_IMAGE, UNCOND_TEXT
+from ..errors import NextStepError
+
+# Guidance branches, in row order: the conditional row first.
+COND, UNCOND_TEXT, UNCOND_IMAGE = "cond", "uncond_text", "uncond_image"
 
 SPECIAL = dict(pad="[PAD]", image_area="<|image_area|>", boi="<|begin_of_image|>", eoi="<|end_of_image|>",
                placeholder="<|image_placeholder|>")
@@ -57,7 +59,7 @@ class SpecialIds:
     placeholder: int
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> "SpecialIds":
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> SpecialIds:
         missing = missing_special_tokens(tokenizer)
         if missing:
             raise NextStepError(f"the tokenizer lacks NextStep's special tokens {', '.join(missing)}; "

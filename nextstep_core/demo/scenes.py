@@ -57,7 +57,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from PIL import Image
 
-from .errors import NextStepError
+from ..errors import NextStepError
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),

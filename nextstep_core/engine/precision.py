@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import NextStepError
+from ..errors import NextStepError
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -57,7 +57,7 @@ class Precision:
         return 1 if self.fp8 else torch.tensor([], dtype=self.dtype).element_size()
 
 
-def parse_precision(name: "str | torch.dtype | Precision", *, fp8_matmul: bool = False,
+def parse_precision(name: str | torch.dtype | Precision, *, fp8_matmul: bool = False,
                     fp8_compute: torch.dtype = torch.bfloat16) -> Precision:
     """A precision name (or a torch dtype) -> Precision; `auto` is resolved by the caller (memory_plan).
 
@@ -178,18 +178,3 @@ def parameter_bytes(model: nn.Module) -> int:
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
     return total
-
-
-def save_converted(model: nn.Module, folder, *, shard_bytes: int = 4 << 30) -> None:
-    """Write a loaded model's weights (fp8 ones as F8_E4M3 + `.weight_scale`) as safetensors shards
-    under their released names, with an index. Copy config.json, the tokenizer files and vae/ beside
-    them to make a model folder `from_folder` loads as it is (no conversion on load)."""
-    from .tiny import save_sharded  # late: tiny imports model, which imports this module
-
-    tensors = {}
-    for name, t in model.state_dict().items():
-        if "rotary_emb" in name or name in tensors:
-            continue
-        tensors[name.removeprefix("backbone.")] = t.detach().to("cpu").contiguous()
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    save_sharded(folder, tensors, max(1, -(-total // shard_bytes)))

@@ -16,7 +16,10 @@ import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .errors import NextStepError
+import torch
+from safetensors.torch import save_file
+
+from ..errors import NextStepError
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -110,7 +113,7 @@ class NextStepConfig:
         return self.latent_channels * self.latent_patch_size**2
 
     @classmethod
-    def from_dict(cls, raw: dict, *, source: str = "config.json") -> "NextStepConfig":
+    def from_dict(cls, raw: dict, *, source: str = "config.json") -> NextStepConfig:
         required = ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"]
         missing = [k for k in required if k not in raw]
         if missing:
@@ -302,3 +305,33 @@ def inspect_model_folder(
     if vae is not None:
         check_vae_folder(vae)
     return ModelFiles(folder, config, weight_files, shapes, owner, folder, vae, settings, reasons)
+
+def save_sharded(folder: Path, tensors: dict[str, torch.Tensor], shards: int) -> None:
+    """Write tensors as `model-0000i-of-0000n.safetensors` + index (or one model.safetensors)."""
+    names = list(tensors)
+    if shards <= 1:
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    per_shard = -(-len(names) // shards)
+    weight_map = {}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n] for n in names[i * per_shard:(i + 1) * per_shard]}
+        save_file(part, str(folder / file), metadata={"format": "pt"})
+        weight_map.update({n: file for n in part})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def save_converted(model: torch.nn.Module, folder, *, shard_bytes: int = 4 << 30) -> None:
+    """Write a loaded model's weights (fp8 ones as F8_E4M3 + `.weight_scale`) as safetensors shards
+    under their released names, with an index. Copy config.json, the tokenizer files and vae/ beside
+    them to make a model folder `from_folder` loads as it is (no conversion on load)."""
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if "rotary_emb" in name or name in tensors:
+            continue
+        tensors[name.removeprefix("backbone.")] = t.detach().to("cpu").contiguous()
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    save_sharded(folder, tensors, max(1, -(-total // shard_bytes)))

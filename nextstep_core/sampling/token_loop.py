@@ -12,18 +12,24 @@ Two implementations share `DecodeRequest` and the noise stream (`NoiseStream`):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 
-from .errors import NextStepError
-from .head import SMALL_WEIGHT_BYTES, TokenHead
-from .prompt import PromptRows
+from ..engine.head import SMALL_WEIGHT_BYTES, TokenHead
+from ..engine.prompt import PromptRows
+from ..errors import NextStepError
 from .fast_samplers import prepare_sampler
-from .sampling import (UNCOND_TEXT, SamplerSettings, clamp_velocity_norm, evaluation_times, guidance_scales,
-                       normalize_token)
+from .samplers import (
+    UNCOND_TEXT,
+    SamplerSettings,
+    clamp_velocity_norm,
+    evaluation_times,
+    guidance_scales,
+    normalize_token,
+)
 
 # callback(tokens_done, tokens_total, tokens (images, tokens_done, 64)) -> False to stop
 ProgressCallback = Callable[[int, int, torch.Tensor], "bool | None"]

@@ -19,8 +19,8 @@ from torch import nn
 from transformers import Qwen2Config, Qwen2Model
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
+from ..errors import NextStepError
 from .checkpoint import ModelFiles, NextStepConfig
-from .errors import NextStepError
 from .head import FlowHead
 from .precision import FP8, Fp8Linear, Precision, parse_precision, use_fp8_linears
 from .stream import SafetensorsFile

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .model import NextStepModel
+from ..engine.model import NextStepModel
 
 
 @dataclass
@@ -34,7 +34,7 @@ class TrainingBatch:
     placeholder_id: int | None = None
     source_tokens: torch.Tensor | None = None
 
-    def to(self, device) -> "TrainingBatch":
+    def to(self, device) -> TrainingBatch:
         """The same batch with its tensors on `device`."""
         source = None if self.source_tokens is None else self.source_tokens.to(device)
         return TrainingBatch(self.input_ids.to(device), self.attention_mask.to(device), self.target_tokens.to(device),

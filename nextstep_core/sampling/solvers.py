@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from .sampling import NoiseFn, SamplerSettings, VelocityFn, time_grid
+from .samplers import NoiseFn, SamplerSettings, VelocityFn, time_grid
 
 
 def heun(velocity: VelocityFn, noise: NoiseFn, settings: SamplerSettings) -> torch.Tensor:

@@ -8,7 +8,7 @@
   it and their peak, like a GPU allocator's max_memory_allocated (without fragmentation or
   library workspaces), so the memory planner can be checked on a CPU.
 
-Run as `python -m nextstep_core.memory_probe load FOLDER PRECISION` to get the load figures as JSON.
+Run as `python -m nextstep_core.memory.probe load FOLDER PRECISION` to get the load figures as JSON.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def status_kb(field: str) -> int:
@@ -42,9 +42,9 @@ def reset_peak_rss() -> None:
 
 def measure_load_here(folder: str, precision: str) -> dict:
     """In this process: load `folder` at `precision` on the CPU and report bytes (see module doc)."""
-    from .checkpoint import inspect_model_folder
-    from .model import build_empty_model, load_model
-    from .precision import parameter_bytes, quantize_weight
+    from ..engine.checkpoint import inspect_model_folder
+    from ..engine.model import build_empty_model, load_model
+    from ..engine.precision import parameter_bytes, quantize_weight
 
     files = inspect_model_folder(folder, need_vae=False)
     build_empty_model(files)  # imports and first-use allocations belong to the baseline
@@ -63,7 +63,7 @@ def measure_load_here(folder: str, precision: str) -> dict:
 def load_peak_rss(folder: str | Path, precision: str) -> dict:
     """measure_load_here in a fresh Python (so the caller's memory does not count)."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, "-m", "nextstep_core.memory_probe", "load", str(folder), precision],
+    out = subprocess.run([sys.executable, "-m", "nextstep_core.memory.probe", "load", str(folder), precision],
                          capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"load probe failed:\n{out.stderr[-3000:]}")
@@ -120,14 +120,14 @@ class TensorMemoryTracker(TorchDispatchMode):
 
 if __name__ == "__main__":
     if len(sys.argv) != 4 or sys.argv[1] != "load":
-        sys.exit("usage: python -m nextstep_core.memory_probe load FOLDER PRECISION")
+        sys.exit("usage: python -m nextstep_core.memory.probe load FOLDER PRECISION")
     torch.set_num_threads(1)
     print(json.dumps(measure_load_here(sys.argv[2], sys.argv[3])))
 
 
 def prompt_length(pipe, prompt: str, width: int, height: int, images: int, cfg: float) -> int:
     """Tokens in the prompt rows generate() builds for this request (padding included)."""
-    from .prompt import build_prompt_rows
+    from ..engine.prompt import build_prompt_rows
 
     grid = (height // pipe.pixels_per_token, width // pipe.pixels_per_token)
     rows = build_prompt_rows(pipe.tokenizer, [prompt], token_grid=grid, negative=None, positive=None,
@@ -140,7 +140,7 @@ def measure_generation(pipe, prompt: str, *, width: int, height: int, images: in
                        steps: int = 4) -> dict:
     """Bytes on the compute device while generating (CPU here): the resident weights of the transformer
     and the image tokenizer, and the peak of every other tensor during generate(), decoding included."""
-    from .precision import parameter_bytes
+    from ..engine.precision import parameter_bytes
 
     weights = parameter_bytes(pipe.model)
     vae = parameter_bytes(pipe.image_tokenizer)

@@ -22,13 +22,14 @@ Few-step samplers (this project's; opt-in, same grid as 1.1, see solvers.py):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .errors import NextStepError
+from ..engine.prompt import COND, UNCOND_IMAGE, UNCOND_TEXT
+from ..errors import NextStepError
 
 LAST_STEP_SIZE = 0.04
 CONTRACT_SAMPLERS = ("euler_maruyama", "sde", "cps", "ode")
@@ -38,8 +39,6 @@ SAMPLERS = CONTRACT_SAMPLERS + FEW_STEP_SAMPLERS
 RECOMMENDED_STEPS = {"heun": 4, "midpoint": 4, "dpm2m": 8, "dpm2m_sde": 8}
 CFG_SCHEDULES = ("constant", "linear")
 
-# Guidance branches, in row order (see prompt.py): the conditional row first.
-COND, UNCOND_TEXT, UNCOND_IMAGE = "cond", "uncond_text", "uncond_image"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Analytic prompt-following checker for the scenes of `nextstep_core.scenes` (numpy only).
+"""Analytic prompt-following checker for the scenes of `nextstep_core.demo.scenes` (numpy only).
 
 `parse_caption` reads the caption grammar documented in `scenes`; `find_objects` segments an
 image into flat-coloured shapes; `score` matches the two:
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import NextStepError
+from ..errors import NextStepError
 from .scenes import COLORS, PALETTE, PLACE_PHRASES, SHAPES, SIZE_FRACTIONS, SIZES, position_of, shape_test
 
 COLOR_TOLERANCE = 90.0

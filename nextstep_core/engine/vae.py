@@ -24,9 +24,9 @@ import math
 import pickle
 import re
 import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from diffusers import AutoencoderKL
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import NextStepError
+from ..errors import NextStepError
 
 LOGVAR_RANGE = (-30.0, 20.0)
 NORM_EPS = 1e-6
@@ -69,7 +69,7 @@ class VaeConfig:
     psz: int | None = None
 
     @classmethod
-    def from_dict(cls, d: dict, *, nextstep_1_1_defaults: bool, source: str = "VAE config") -> "VaeConfig":
+    def from_dict(cls, d: dict, *, nextstep_1_1_defaults: bool, source: str = "VAE config") -> VaeConfig:
         """Build from config.json's dict; unknown keys are ignored, a null value counts as silent.
 
         Silent fields take the dataclass defaults, except that with `nextstep_1_1_defaults` (the

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from .errors import NextStepError
+from ..errors import NextStepError
 
 EOS = "<|endoftext|>"
 BOS = "<|begin_of_text|>"

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import ModelFiles
-from .errors import NextStepError
-from .precision import FP8_LINEARS, Precision, parse_precision
+from ..engine.checkpoint import ModelFiles
+from ..engine.precision import FP8_LINEARS, Precision, parse_precision
+from ..errors import NextStepError
 
 GIB = 1 << 30
 RESERVE_FRACTION = 0.08  # of the free memory, for the allocator's fragmentation and library workspaces
@@ -158,7 +158,7 @@ def vae_weight_bytes(files: ModelFiles, dtype: torch.dtype) -> int:
     """Parameters of the image tokenizer, counted on a meta-device build from its config."""
     if files.vae_folder is None:
         return 0
-    from .vae import build_autoencoder, read_config
+    from ..engine.vae import build_autoencoder, read_config
 
     config = read_config(files.vae_folder, files.version.name == "1.1")
     with torch.device("meta"):
@@ -171,7 +171,7 @@ def vae_decode_bytes(files: ModelFiles, request: Request, dtype: torch.dtype) ->
     plus the upsampling's input at the top level, for every image."""
     if files.vae_folder is None:
         return 0
-    from .vae import read_config
+    from ..engine.vae import read_config
 
     config = read_config(files.vae_folder, files.version.name == "1.1")
     pixels = request.width * request.height

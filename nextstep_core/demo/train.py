@@ -1,13 +1,13 @@
 """Train a small NextStep on procedurally drawn scenes: the image tokenizer, then the model.
 
-    python -m nextstep_core.train vae   --out runs/demo --steps 3000
-    python -m nextstep_core.train model --out runs/demo --steps 8000
-    python -m nextstep_core.train export --out runs/demo --to nextstep_core/demo_model
+    python -m nextstep_core.demo.train vae   --out runs/demo --steps 3000
+    python -m nextstep_core.demo.train model --out runs/demo --steps 8000
+    python -m nextstep_core.demo.train export --out runs/demo --to nextstep_core/demo_model
 
 To go on from an exported model instead (the shipped demo model, say):
 
-    python -m nextstep_core.train import --out runs/more --from nextstep_core/demo_model
-    python -m nextstep_core.train model --out runs/more --steps 2000 --init-from runs/more/imported_model.pt
+    python -m nextstep_core.demo.train import --out runs/more --from nextstep_core/demo_model
+    python -m nextstep_core.demo.train model --out runs/more --steps 2000 --init-from runs/more/imported_model.pt
 
 Each stage saves a resumable checkpoint (`<out>/<stage>.pt`: weights, optimiser, step) every
 `--save-every` steps and continues from it when run again. Everything is seeded: the same
@@ -33,23 +33,23 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .checkpoint import NextStepConfig
-from .model import NextStepModel, patchify
+from ..engine.checkpoint import NextStepConfig, save_sharded
+from ..engine.model import NextStepModel, patchify
+from ..engine.prompt import SpecialIds, build_prompt_rows, load_tokenizer
+from ..engine.vae import ImageTokenizer, VaeConfig, diffusers_keys_to_flux, save_image_tokenizer
 from .objective import TrainingBatch, training_losses
-from .prompt import SpecialIds, build_prompt_rows, load_tokenizer
 from .scenes import edit_dataset, scene_dataset
-from .tiny import TinySpec, release_state_dict, save_sharded, tiny_config_dict
+from .tiny import TinySpec, release_state_dict, tiny_config_dict
 from .tiny_tokenizer import write_tiny_tokenizer
-from .vae import ImageTokenizer, VaeConfig, diffusers_keys_to_flux, save_image_tokenizer
 
 SIZES = ((64, 64), (64, 64), (128, 64), (64, 128))
 
@@ -467,7 +467,7 @@ def import_folder(folder: Path, out: Path, log) -> None:
     shipped demo model): `<out>/spec.json` takes its sizes, `<out>/vae.pt` its tokenizer (step 0,
     no optimiser state) and `<out>/imported_model.pt` its weights, for `model --init-from`.
     Its text tokenizer must be the one training writes (tiny_tokenizer)."""
-    from .pipeline import NextStepPipeline  # the public loader, float32
+    from ..pipeline import NextStepPipeline  # the public loader, float32
 
     pipe = NextStepPipeline.from_folder(folder)
     config, vae, net = pipe.model.config, pipe.image_tokenizer.config, pipe.model.image_head.net
@@ -509,7 +509,7 @@ def export(out: Path, target: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nextstep_core.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m nextstep_core.demo.train", description=__doc__.split("\n")[0])
     parser.add_argument("stage", choices=["import", "vae", "model", "export"])
     parser.add_argument("--out", required=True, help="run folder (checkpoints, logs)")
     parser.add_argument("--steps", type=int, default=3000)
@@ -520,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--freeze-encoder", action="store_true",
                         help="tokenizer stage: train the decoder only (the latent space the model stage sees stays fixed)")
     parser.add_argument("--from", dest="source", help="import stage: the model folder to start the run from")
-    parser.add_argument("--to", default=str(Path(__file__).parent / "demo_model"), help="export target folder")
+    parser.add_argument("--to", default=str(Path(__file__).parent.parent / "demo_model"), help="export target folder")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the same draws either way; float rounding differs)")
     parser.add_argument("--minutes", type=float,
                         help="time budget: with --steps 0 the step count is fitted to it (and logged); else stop early")

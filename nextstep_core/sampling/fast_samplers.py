@@ -10,11 +10,11 @@ the few-step samplers (solvers.py) already work from precomputed floats and are 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from .sampling import LAST_STEP_SIZE, NoiseFn, SamplerSettings, VelocityFn, run_sampler, time_grid
+from .samplers import LAST_STEP_SIZE, NoiseFn, SamplerSettings, VelocityFn, run_sampler, time_grid
 
 Sampler = Callable[[VelocityFn, NoiseFn], torch.Tensor]
 

@@ -11,8 +11,8 @@ predicts the velocity x1 - noise.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
