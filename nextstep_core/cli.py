@@ -7,10 +7,9 @@ import sys
 import time
 from pathlib import Path
 
+from . import DEMO_MODEL
 from .errors import NextStepError
-from .sampling.samplers import SAMPLERS
-
-DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
+from .sampling.settings import SAMPLERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,8 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--version", default="auto", choices=["auto", "1.0", "1.1"], help="override version detection")
     gen.add_argument("--negative", help="negative prompt (default empty)")
     gen.add_argument("--positive", help="text appended to the caption after a space")
-    gen.add_argument("--width", type=int, help="pixels, a multiple of 16 (default 256; 64 for the demo model; the input image's when editing)")
-    gen.add_argument("--height", type=int, help="pixels, a multiple of 16 (default 256; 64 for the demo model; the input image's when editing)")
+    size_help = "pixels, a multiple of 16 (default 256; 64 for the demo model; the input image's when editing)"
+    gen.add_argument("--width", type=int, help=size_help)
+    gen.add_argument("--height", type=int, help=size_help)
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--cfg", type=float, help="text guidance scale (default: the version's, 7.5)")
     gen.add_argument("--cfg-img", type=float, help="image guidance scale for editing (default 2.0)")

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import DynamicCache, StaticCache
+from transformers import DynamicCache, PreTrainedTokenizerBase, StaticCache
 
-from .engine.checkpoint import VersionSettings, inspect_model_folder
+from .engine.checkpoint import NextStepConfig, VersionSettings, inspect_model_folder
 from .engine.model import NextStepModel, load_model, patchify, unpatchify
 from .engine.precision import parse_precision
 from .engine.prompt import IMAGE_MARKER, PLACEHOLDER, PromptRows, build_prompt_rows, load_tokenizer
@@ -27,7 +27,7 @@ from .engine.vae import ImageTokenizer, load_image_tokenizer
 from .errors import NextStepError
 from .memory.offload import check_block_swap, enable_block_swap
 from .sampling.reference_loop import decode_tokens_reference
-from .sampling.samplers import CFG_SCHEDULES, RECOMMENDED_STEPS, SamplerSettings
+from .sampling.settings import CFG_SCHEDULES, RECOMMENDED_STEPS, SamplerSettings
 from .sampling.token_loop import (
     DecodeRequest,
     GenerationInterrupted,
@@ -80,7 +80,7 @@ def check_image_size(width: int, height: int, multiple: int) -> tuple[int, int]:
     return height // multiple, width // multiple
 
 
-def image_to_pixels(image) -> torch.Tensor:
+def image_to_pixels(image: Image.Image | torch.Tensor) -> torch.Tensor:
     """PIL image, or float tensor (H, W, 3) / (1, H, W, 3) in [0, 1] -> pixels (1, 3, H, W) in [-1, 1]."""
     if isinstance(image, Image.Image):
         array = np.asarray(image.convert("RGB"), dtype=np.float32)
@@ -88,7 +88,8 @@ def image_to_pixels(image) -> torch.Tensor:
     if isinstance(image, torch.Tensor):
         x = image if image.dim() == 4 else image[None]
         if x.shape[-1] != 3:
-            raise NextStepError(f"input image tensor has shape {tuple(image.shape)}; expected (H, W, 3) or (1, H, W, 3)")
+            raise NextStepError(
+                f"input image tensor has shape {tuple(image.shape)}; expected (H, W, 3) or (1, H, W, 3)")
         return x.permute(0, 3, 1, 2).float() * 2 - 1
     raise NextStepError(f"input image of type {type(image).__name__} is not a PIL image or an image tensor")
 
@@ -96,8 +97,8 @@ def image_to_pixels(image) -> torch.Tensor:
 class NextStepPipeline:
     """A loaded model, its text tokenizer and image tokenizer, and its version settings."""
 
-    def __init__(self, model: NextStepModel, tokenizer, image_tokenizer: ImageTokenizer, version: VersionSettings,
-                 version_reasons: list[str] | None = None):
+    def __init__(self, model: NextStepModel, tokenizer: PreTrainedTokenizerBase, image_tokenizer: ImageTokenizer,
+                 version: VersionSettings, version_reasons: list[str] | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.image_tokenizer = image_tokenizer
@@ -142,7 +143,8 @@ class NextStepPipeline:
         return self.image_tokenizer.config.downsample * self.model.config.latent_patch_size
 
     def sampler_settings(self, sampler: str = "auto", steps: int | None = None, shift: float | None = None,
-                         noise_level: float = 0.8, velocity_norm: bool = False, editing: bool = False) -> SamplerSettings:
+                         noise_level: float = 0.8, velocity_norm: bool = False,
+                         editing: bool = False) -> SamplerSettings:
         """The version's defaults where an option is left as auto/None (a few-step sampler's
         steps default to its RECOMMENDED_STEPS)."""
         v = self.version
@@ -177,7 +179,7 @@ class NextStepPipeline:
         noise_level: float = 0.8,
         use_norm: bool | None = None,
         velocity_norm: bool = False,
-        image=None,
+        image: Image.Image | torch.Tensor | None = None,
         seed: int = 0,
         callback: ProgressCallback | None = None,
         decode: bool = True,
@@ -191,7 +193,7 @@ class NextStepPipeline:
         the checkpoint version's defaults (see checkpoint.VersionSettings). Raises NextStepError
         for bad input before any model work.
 
-        Speed options (decode.py): loop "fast" (default) or "reference" (the contract line by
+        Speed options (sampling/token_loop.py): loop "fast" (default) or "reference" (the contract line by
         line, for comparison); exact=False lets the fast loop read each head modulation weight
         once per token instead of once per step and use a static KV cache (float rounding
         differs); compile=True
@@ -212,7 +214,8 @@ class NextStepPipeline:
         if width is None or height is None:
             raise NextStepError("give both width and height (or an input image to take them from)")
         token_grid = check_image_size(width, height, self.pixels_per_token)
-        edit_grid = None if pixels is None else check_image_size(pixels.shape[-1], pixels.shape[-2], self.pixels_per_token)
+        edit_grid = (None if pixels is None
+                     else check_image_size(pixels.shape[-1], pixels.shape[-2], self.pixels_per_token))
 
         rows = build_prompt_rows(
             self.tokenizer, prompts, token_grid=token_grid, negative=negative, positive=positive,
@@ -242,7 +245,8 @@ class NextStepPipeline:
             images = ((pixels_out.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
         return GenerationResult(tokens, latents, images, token_grid)
 
-    def check_request(self, prompts, image, cfg, cfg_img, cfg_schedule, num_images) -> torch.Tensor | None:
+    def check_request(self, prompts: list[str], image: Image.Image | torch.Tensor | None, cfg: float, cfg_img: float,
+                      cfg_schedule: str, num_images: int) -> torch.Tensor | None:
         if not prompts:
             raise NextStepError("no prompt given")
         if cfg < 1:
@@ -269,20 +273,23 @@ class NextStepPipeline:
         size = f"{token_grid[1] * self.pixels_per_token}x{token_grid[0] * self.pixels_per_token}"
         table = self.model.max_image_tokens
         if table is not None and num_tokens > table:
-            raise NextStepError(f"image size {size} needs {num_tokens} image tokens; this model's position table covers {table}")
+            raise NextStepError(
+                f"image size {size} needs {num_tokens} image tokens; this model's position table covers {table}")
         total = rows.input_ids.shape[1] + num_tokens
         limit = self.model.config.max_position_embeddings
         if total > limit:
             raise NextStepError(
-                f"image size {size} needs {num_tokens} image tokens plus {rows.input_ids.shape[1]} prompt tokens = {total}; "
+                f"image size {size} needs {num_tokens} image tokens plus {rows.input_ids.shape[1]} prompt tokens "
+                f"= {total}; "
                 f"the model's positions allow {limit}: use a smaller image or a shorter prompt"
             )
 
-    def encode_edit_image(self, pixels: torch.Tensor, image_rows: int, generator: torch.Generator, seed: int) -> torch.Tensor:
+    def encode_edit_image(self, pixels: torch.Tensor, image_rows: int, generator: torch.Generator,
+                          seed: int) -> torch.Tensor:
         """Input image -> (image_rows, tokens, 64), one posterior sample per image-carrying row."""
         pixels = pixels.to(self.device, self.dtype).expand(image_rows, -1, -1, -1)
-        grid = (image_rows, self.image_tokenizer.config.z_channels,
-                pixels.shape[-2] // self.image_tokenizer.config.downsample, pixels.shape[-1] // self.image_tokenizer.config.downsample)
+        vae = self.image_tokenizer.config
+        grid = (image_rows, vae.z_channels, pixels.shape[-2] // vae.downsample, pixels.shape[-1] // vae.downsample)
         # 1.0 draws the posterior noise from the seeded stream even for a deterministic tokenizer;
         # 1.1 encodes before seeding, so its draw must not touch the token stream.
         source = generator if self.version.posterior_draw_on_seeded_stream else torch.Generator().manual_seed(seed)
@@ -290,7 +297,8 @@ class NextStepPipeline:
         latents = self.image_tokenizer.encode(pixels, noise=noise)
         return patchify(latents, self.model.config.latent_patch_size)
 
-    def prefill(self, rows: PromptRows, image_tokens: torch.Tensor | None, static_tokens: int | None = None):
+    def prefill(self, rows: PromptRows, image_tokens: torch.Tensor | None,
+                static_tokens: int | None = None) -> tuple[torch.Tensor, DynamicCache | StaticCache, torch.Tensor]:
         """Run the prompt rows; returns the last hidden state (rows, hidden), the cache and mask.
 
         static_tokens: allocate a static KV cache for the prompt plus that many image tokens
@@ -315,7 +323,7 @@ class NextStepPipeline:
         return out.last_hidden_state[:, -1], cache, mask
 
 
-def check_vae_channels(config, image_tokenizer: ImageTokenizer, vae_folder) -> None:
+def check_vae_channels(config: NextStepConfig, image_tokenizer: ImageTokenizer, vae_folder: str | Path) -> None:
     vae = image_tokenizer.config
     if vae.z_channels != config.latent_channels:
         raise NextStepError(
@@ -325,7 +333,8 @@ def check_vae_channels(config, image_tokenizer: ImageTokenizer, vae_folder) -> N
     if vae.psz and vae.psz > 1 and vae.psz != config.latent_patch_size:
         raise NextStepError(
             f"image tokenizer {vae_folder} normalises {vae.psz}x{vae.psz} patches but the model's tokens are "
-            f"{config.latent_patch_size}x{config.latent_patch_size} patches (latent_patch_size): they do not belong together"
+            f"{config.latent_patch_size}x{config.latent_patch_size} patches (latent_patch_size): "
+            "they do not belong together"
         )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import folder_paths
 from comfy_api.latest import io
 
-from ..nextstep_core.cli import DEMO_MODEL
+from ..nextstep_core import DEMO_MODEL
 from ..nextstep_core.engine.checkpoint import TOKENIZER_FILES, inspect_model_folder
 from ..nextstep_core.errors import NextStepError
 from ..nextstep_core.pipeline import NextStepPipeline

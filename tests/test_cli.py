@@ -45,7 +45,7 @@ def test_cli_errors_name_the_flag(tiny_model_1_1, tmp_path):
 
 
 def test_cli_without_model_mentions_the_demo_model(tmp_path):
-    from nextstep_core.cli import DEMO_MODEL
+    from nextstep_core import DEMO_MODEL
 
     done = run_cli("--prompt", "a red circle", "--width", "32", "--height", "32", "--steps", "2",
                    "--out", str(tmp_path / "demo.png"))

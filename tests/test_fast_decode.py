@@ -1,5 +1,5 @@
-"""The fast token loop (decode.py, the default) against the contract's loop (reference_loop.py),
-and the few-step samplers (solvers.py)."""
+"""The fast token loop (sampling/token_loop.py, the default) against the contract's loop
+(sampling/reference_loop.py), and the few-step samplers (sampling/solvers.py)."""
 
 import pytest
 import torch
@@ -17,15 +17,8 @@ from nextstep_core.engine.head import (
     onednn_linear,
 )
 from nextstep_core.errors import NextStepError
-from nextstep_core.sampling.samplers import (
-    FEW_STEP_SAMPLERS,
-    RECOMMENDED_STEPS,
-    SAMPLERS,
-    SamplerSettings,
-    evaluation_times,
-    head_evaluations,
-    run_sampler,
-)
+from nextstep_core.sampling.samplers import head_evaluations, prepare_sampler
+from nextstep_core.sampling.settings import FEW_STEP_SAMPLERS, RECOMMENDED_STEPS, SAMPLERS, SamplerSettings
 
 PROMPTS = ["a red circle", "two small blue squares at the top"]
 
@@ -80,7 +73,8 @@ def test_token_head_step_equals_the_net():
 
 
 def large_linear(seed=0):
-    """A float32 nn.Linear above head.SMALL_WEIGHT_BYTES (2 MiB; this one is 3 MiB), so fast_product may swap its kernel."""
+    """A float32 nn.Linear above head.SMALL_WEIGHT_BYTES (2 MiB; this one is 3 MiB), so
+    fast_product may swap its kernel."""
     torch.manual_seed(seed)
     return torch.nn.Linear(1024, 768)
 
@@ -148,8 +142,9 @@ def test_evaluation_times_are_the_times_the_sampler_asks_for(name):
         seen.append(float(t))
         return -x
 
-    run_sampler(velocity, lambda: torch.ones(1, 3), settings)
-    assert seen == evaluation_times(settings).tolist()
+    sampler = prepare_sampler(settings)
+    sampler(velocity, lambda: torch.ones(1, 3))
+    assert seen == sampler.evaluation_times.tolist()
     assert len(seen) == head_evaluations(settings)
 
 
@@ -161,7 +156,7 @@ def point_mass_velocity(target):
 def test_few_step_samplers_land_on_a_point_mass(name):
     target = torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64)
     draws = iter(torch.randn(20, 1, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
-    out = run_sampler(point_mass_velocity(target), lambda: next(draws), SamplerSettings(name, steps=4, shift=2.0))
+    out = prepare_sampler(SamplerSettings(name, steps=4, shift=2.0))(point_mass_velocity(target), lambda: next(draws))
     torch.testing.assert_close(out, target)
 
 
@@ -172,7 +167,7 @@ def gaussian_velocity(mu, s):
 
 def ode_error(name, steps):
     x0 = torch.linspace(-2, 2, 9, dtype=torch.float64)[:, None]
-    out = run_sampler(gaussian_velocity(1.5, 1.0), lambda: x0.clone(), SamplerSettings(name, steps=steps))
+    out = prepare_sampler(SamplerSettings(name, steps=steps))(gaussian_velocity(1.5, 1.0), lambda: x0.clone())
     return (out - (1.5 + x0)).abs().max().item()
 
 
@@ -187,8 +182,8 @@ def test_higher_order_solvers_beat_euler_at_equal_head_evaluations():
 def test_dpm2m_sde_with_zero_noise_is_dpm2m():
     draws = torch.randn(30, 2, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     velocity = gaussian_velocity(0.5, 0.7)
-    quiet = run_sampler(velocity, iter(draws).__next__, SamplerSettings("dpm2m_sde", steps=6, noise_level=0.0))
-    plain = run_sampler(velocity, iter(draws).__next__, SamplerSettings("dpm2m", steps=6))
+    quiet = prepare_sampler(SamplerSettings("dpm2m_sde", steps=6, noise_level=0.0))(velocity, iter(draws).__next__)
+    plain = prepare_sampler(SamplerSettings("dpm2m", steps=6))(velocity, iter(draws).__next__)
     torch.testing.assert_close(quiet, plain)
 
 

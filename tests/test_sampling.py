@@ -7,17 +7,15 @@ import torch
 
 from nextstep_core.engine.head import FlowNet, timestep_features
 from nextstep_core.errors import NextStepError
-from nextstep_core.sampling.samplers import (
-    SamplerSettings,
+from nextstep_core.sampling.guidance import (
+    check_branches,
     clamp_velocity_norm,
     combine_guidance,
-    euler_maruyama,
-    flow_step_sampler,
     guidance_scales,
-    normalize_token,
-    sample_token,
-    time_grid,
 )
+from nextstep_core.sampling.reference_loop import sample_token
+from nextstep_core.sampling.samplers import normalize_token, prepare_sampler
+from nextstep_core.sampling.settings import SamplerSettings, time_grid
 
 
 def test_time_grid_1_0_is_even_up_to_0_96_then_shifted():
@@ -51,7 +49,7 @@ def test_euler_maruyama_step_update_matches_hand_computation():
     # velocity v(x, t) = 2 - x * t: the update must be x + ((1+t) v - x) dt + sqrt(2 (1-t)) sqrt(dt) n
     noise = ScriptedNoise()
     settings = SamplerSettings("euler_maruyama", steps=4, shift=1.0)
-    result = euler_maruyama(lambda x, t: 2 - x * t, noise, settings)
+    result = prepare_sampler(settings)(lambda x, t: 2 - x * t, noise)
 
     draws = ScriptedNoise().values
     grid = [0.0, 0.32, 0.64, 0.96]
@@ -74,7 +72,7 @@ def point_mass_velocity(target):
 def test_ode_lands_on_a_point_mass_exactly(steps):
     target = torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64)
     noise = ScriptedNoise()
-    out = flow_step_sampler(point_mass_velocity(target), noise, SamplerSettings("ode", steps=steps, shift=3.0))
+    out = prepare_sampler(SamplerSettings("ode", steps=steps, shift=3.0))(point_mass_velocity(target), noise)
     torch.testing.assert_close(out, target)
     assert noise.calls == 1  # ode draws no step noise
 
@@ -83,7 +81,7 @@ def test_sde_step_update_matches_hand_computation():
     level, steps, shift = 0.8, 3, 1.5
     noise = ScriptedNoise()
     velocity = lambda x, t: torch.sin(x) + t  # noqa: E731
-    out = flow_step_sampler(velocity, noise, SamplerSettings("sde", steps=steps, shift=shift, noise_level=level))
+    out = prepare_sampler(SamplerSettings("sde", steps=steps, shift=shift, noise_level=level))(velocity, noise)
 
     draws = ScriptedNoise().values
     grid = [(k / steps) / (shift - (shift - 1) * (k / steps)) for k in range(steps)] + [1.0]
@@ -104,7 +102,7 @@ def test_cps_step_update_matches_hand_computation():
     level, steps = 0.5, 4
     noise = ScriptedNoise()
     velocity = lambda x, t: 1.5 - 0.5 * x  # noqa: E731
-    out = flow_step_sampler(velocity, noise, SamplerSettings("cps", steps=steps, noise_level=level))
+    out = prepare_sampler(SamplerSettings("cps", steps=steps, noise_level=level))(velocity, noise)
     draws = ScriptedNoise().values
     grid = [0.0, 0.25, 0.5, 0.75, 1.0]
     x = draws[0].clone()
@@ -128,6 +126,15 @@ def test_guidance_two_and_three_branches():
     image_only = combine_guidance(torch.cat([v_cond, v_image]), ["cond", "uncond_image"], 1.0, 2.0)
     torch.testing.assert_close(image_only, v_image + 2.0 * (v_cond - v_image))
     torch.testing.assert_close(combine_guidance(v_cond, ["cond"], 9.0, 9.0), v_cond)
+
+
+def test_guidance_branches_must_come_in_the_prompt_rows_order():
+    text, image = "uncond_text", "uncond_image"
+    for branches in (["cond"], ["cond", text], ["cond", image], ["cond", text, image]):
+        check_branches(branches)
+    for branches in ([], [text], ["cond", image, text], ["cond", "cond"], [text, "cond"]):
+        with pytest.raises(ValueError, match="not in the order"):
+            check_branches(branches)
 
 
 def test_guidance_rows_are_branch_major_for_several_images():
@@ -189,7 +196,7 @@ def test_sample_token_uses_one_head_batch_and_counts_draws():
     noise = ScriptedNoise(rows=3, dim=8)
     settings = SamplerSettings("euler_maruyama", steps=5)
     token = sample_token(net, condition, branches=["cond", "uncond_text"], cfg=3.0, cfg_img=1.0,
-                         settings=settings, noise=lambda: noise().float(), state_dtype=torch.float32)
+                         sampler=prepare_sampler(settings), noise=lambda: noise().float(), state_dtype=torch.float32)
     assert token.shape == (3, 8)
     assert calls == [6] * 5  # steps evaluations, each on every branch at once
     assert noise.calls == 5

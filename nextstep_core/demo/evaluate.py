@@ -23,7 +23,8 @@ from PIL import Image
 from ..engine.model import patchify, unpatchify
 from ..engine.prompt import SpecialIds, build_prompt_rows
 from ..pipeline import NextStepPipeline
-from ..sampling.samplers import sample_token
+from ..sampling.reference_loop import sample_token
+from ..sampling.samplers import prepare_sampler
 from .checker import find_objects, parse_caption, score
 from .objective import TrainingBatch, image_conditions, sequence_embeddings
 from .scenes import EDIT_KINDS, caption, random_edit, random_scene, render
@@ -113,10 +114,11 @@ def teacher_forced_score(pipe: NextStepPipeline, scenes=None, *, edits=None, see
     conditions = image_conditions(model, batch, sequence_embeddings(model, batch))[1].reshape(*fed.shape[:2], -1)
     generator = torch.Generator().manual_seed(seed)
     state_dtype = torch.float32 if version.noise_in_float32 else pipe.dtype
+    sampler = prepare_sampler(settings)
     sampled = torch.empty_like(tokens)
     for k in range(tokens.shape[1]):
         sampled[:, k] = sample_token(model.image_head.net, conditions[:, k], branches=branches, cfg=cfg, cfg_img=cfg_img,
-                                     settings=settings, state_dtype=state_dtype,
+                                     sampler=sampler, state_dtype=state_dtype,
                                      noise=lambda: torch.randn(len(targets), tokens.shape[2], generator=generator,
                                                                dtype=state_dtype).to(pipe.device))
     images = pipe.image_tokenizer.latent_to_image(unpatchify(sampled, grid, model.config.latent_patch_size))

@@ -1,10 +1,9 @@
 """Few-step samplers for the flow head: fewer head evaluations per token for the same flow.
 
 All share NextStep-1.1's grid (`steps` points k/steps, shifted, then 1.0) and its convention
-(t = 0 noise, t = 1 data, the net predicts v = x1 - x0). Each takes velocity(x, t) (the guided
-velocity), noise() (draws an (n, D) block) and the settings, and evaluates the head exactly at
-sampling.evaluation_times(settings), in that order. Coefficients are plain floats, worked out
-once from the grid.
+(t = 0 noise, t = 1 data, the net predicts v = x1 - x0). Each `prepare_*` works out its step
+table once from the grid and returns a `Sampler` (settings.py): run(velocity, noise) and the
+times at which it evaluates the head, in order.
 
 - heun: Euler predictor, trapezoid corrector (the corrector also at t = 1, where the flow's
   velocity is still defined).
@@ -25,29 +24,44 @@ import math
 
 import torch
 
-from .samplers import NoiseFn, SamplerSettings, VelocityFn, time_grid
+from .settings import NoiseFn, Sampler, SamplerSettings, VelocityFn, time_grid
 
 
-def heun(velocity: VelocityFn, noise: NoiseFn, settings: SamplerSettings) -> torch.Tensor:
+def prepare_heun(settings: SamplerSettings) -> Sampler:
+    """Per step: v = velocity(x, t_i); predicted = x + v dt; x += (v + velocity(predicted, t_j)) dt / 2."""
     grid = time_grid(settings.name, settings.steps, settings.shift)
-    x = noise()
-    for i in range(settings.steps):
-        dt = float(grid[i + 1] - grid[i])
-        v = velocity(x, grid[i])
-        predicted = x + v * dt
-        x = x + (v + velocity(predicted, grid[i + 1])) * (dt / 2)
-    return x
+    steps = [(grid[i], grid[i + 1], float(grid[i + 1] - grid[i])) for i in range(settings.steps)]
+
+    def run(velocity: VelocityFn, noise: NoiseFn) -> torch.Tensor:
+        x = noise()
+        for t_i, t_j, dt in steps:
+            v = velocity(x, t_i)
+            predicted = x + v * dt
+            x = x + (v + velocity(predicted, t_j)) * (dt / 2)
+        return x
+
+    times = torch.stack([torch.stack([t_i, t_j]) for t_i, t_j, _ in steps]).reshape(-1)
+    return Sampler(settings, times, run)
 
 
-def midpoint(velocity: VelocityFn, noise: NoiseFn, settings: SamplerSettings) -> torch.Tensor:
+def prepare_midpoint(settings: SamplerSettings) -> Sampler:
+    """Per step: half = x + velocity(x, t_i) dt / 2; x += velocity(half, t_i + dt / 2) dt."""
     grid = time_grid(settings.name, settings.steps, settings.shift)
-    x = noise()
+    steps = []
     for i in range(settings.steps):
         t_i = grid[i]
         dt = grid[i + 1] - t_i
-        half = x + velocity(x, t_i) * float(dt / 2)
-        x = x + velocity(half, t_i + dt / 2) * float(dt)
-    return x
+        steps.append((t_i, t_i + dt / 2, float(dt / 2), float(dt)))
+
+    def run(velocity: VelocityFn, noise: NoiseFn) -> torch.Tensor:
+        x = noise()
+        for t_i, t_half, half_dt, dt in steps:
+            half = x + velocity(x, t_i) * half_dt
+            x = x + velocity(half, t_half) * dt
+        return x
+
+    times = torch.stack([torch.stack([t_i, t_half]) for t_i, t_half, _, _ in steps]).reshape(-1)
+    return Sampler(settings, times, run)
 
 
 def log_snr(t: float) -> float:
@@ -76,29 +90,39 @@ def dpm_coefficients(t_prev: float | None, t_i: float, t_j: float, eta: float) -
     return keep, data, correction, noise
 
 
-def dpm_solver_2m(velocity: VelocityFn, noise: NoiseFn, settings: SamplerSettings, eta: float) -> torch.Tensor:
+def prepare_dpm_solver_2m(settings: SamplerSettings, eta: float) -> Sampler:
+    """Per step: x1 = x + velocity(x, t_i) (1 - t_i); x = keep x + data D (+ noise z but on the last step)."""
     grid = time_grid(settings.name, settings.steps, settings.shift)
     times = grid.tolist()
-    x = noise()
-    previous = None
+    steps = []
     for i in range(settings.steps):
         t_i, t_j = times[i], times[i + 1]
-        x1 = x + velocity(x, grid[i]) * (1 - t_i)
         keep, data, correction, noise_scale = dpm_coefficients(times[i - 1] if i else None, t_i, t_j, eta)
-        estimate = x1 if correction == 0 else x1 + (x1 - previous) * correction
-        x = x * keep + estimate * data
-        if noise_scale > 0 and i + 1 < settings.steps:
-            x = x + noise() * noise_scale
-        previous = x1
-    return x
+        add_noise = noise_scale > 0 and i + 1 < settings.steps
+        steps.append((grid[i], 1 - t_i, keep, data, correction, noise_scale if add_noise else 0.0))
+
+    def run(velocity: VelocityFn, noise: NoiseFn) -> torch.Tensor:
+        x = noise()
+        previous = None
+        for t_i, one_minus_t, keep, data, correction, noise_scale in steps:
+            x1 = x + velocity(x, t_i) * one_minus_t
+            estimate = x1 if correction == 0 else x1 + (x1 - previous) * correction
+            x = x * keep + estimate * data
+            if noise_scale:
+                x = x + noise() * noise_scale
+            previous = x1
+        return x
+
+    return Sampler(settings, grid[:-1], run)
 
 
-def dpm2m(velocity: VelocityFn, noise: NoiseFn, settings: SamplerSettings) -> torch.Tensor:
-    return dpm_solver_2m(velocity, noise, settings, eta=0.0)
+def prepare_dpm2m(settings: SamplerSettings) -> Sampler:
+    return prepare_dpm_solver_2m(settings, eta=0.0)
 
 
-def dpm2m_sde(velocity: VelocityFn, noise: NoiseFn, settings: SamplerSettings) -> torch.Tensor:
-    return dpm_solver_2m(velocity, noise, settings, eta=settings.noise_level)
+def prepare_dpm2m_sde(settings: SamplerSettings) -> Sampler:
+    return prepare_dpm_solver_2m(settings, eta=settings.noise_level)
 
 
-FEW_STEP_SOLVERS = {"heun": heun, "midpoint": midpoint, "dpm2m": dpm2m, "dpm2m_sde": dpm2m_sde}
+FEW_STEP_SOLVERS = {"heun": prepare_heun, "midpoint": prepare_midpoint, "dpm2m": prepare_dpm2m,
+                    "dpm2m_sde": prepare_dpm2m_sde}

@@ -1,10 +1,12 @@
-"""The token loop: one image token per image per iteration, fed back through the KV cache.
+"""The fast token loop (the default): one image token per image per iteration, fed back
+through the KV cache.
 
-Two implementations share `DecodeRequest` and the noise stream (`NoiseStream`):
+Two loops share `DecodeRequest`, the noise stream (`NoiseStream`), the prepared samplers
+(samplers.py) and guidance (guidance.py):
 - `reference_loop.decode_tokens_reference`: the contract, line by line (kept for tests and
   benchmarks to compare against);
-- `decode_tokens` (here, the default): the same arithmetic with everything that is constant
-  while one token is sampled computed once (head.TokenHead: time embeddings per generation;
+- `decode_tokens` (here): the same arithmetic with everything that is constant while one token
+  is sampled computed once (engine/head.py TokenHead: time embeddings per generation;
   condition embedding and AdaLN modulations of all steps per token), the attention mask and
   positions allocated once, and an optional compiled head step. On CPU with `exact=True` it
   gives the reference's tokens bit for bit (tests/test_fast_decode.py).
@@ -21,15 +23,9 @@ import torch
 from ..engine.head import SMALL_WEIGHT_BYTES, TokenHead
 from ..engine.prompt import PromptRows
 from ..errors import NextStepError
-from .fast_samplers import prepare_sampler
-from .samplers import (
-    UNCOND_TEXT,
-    SamplerSettings,
-    clamp_velocity_norm,
-    evaluation_times,
-    guidance_scales,
-    normalize_token,
-)
+from .guidance import check_branches, guidance_scales, guide
+from .samplers import normalize_token, prepare_sampler
+from .settings import SamplerSettings
 
 # callback(tokens_done, tokens_total, tokens (images, tokens_done, 64)) -> False to stop
 ProgressCallback = Callable[[int, int, torch.Tensor], "bool | None"]
@@ -100,27 +96,16 @@ def report_progress(request: DecodeRequest, tokens: torch.Tensor, done: int) -> 
 
 class GuidedVelocity:
     """velocity(x, t) for the samplers, backed by a TokenHead: the i-th call uses the i-th
-    precomputed evaluation time (samplers evaluate their `evaluation_times` in order)."""
+    evaluation time of the prepared sampler (samplers evaluate their `evaluation_times` in order)."""
 
     def __init__(self, head: TokenHead, branches: list[str], settings: SamplerSettings, state_dtype: torch.dtype):
         self.head = head
         self.branches = branches
         self.num_branches = len(branches)
-        self.velocity_norm = settings.velocity_norm and self.num_branches > 1
+        self.velocity_norm = settings.velocity_norm
         self.state_dtype = state_dtype
         self.cfg = self.cfg_img = 1.0
         self.calls = 0
-
-    def combine(self, raw: torch.Tensor, n: int) -> torch.Tensor:
-        """sampling.combine_guidance's arithmetic on row slices (no chunk/dict per step)."""
-        if self.num_branches == 1:
-            return raw
-        if self.num_branches == 3:
-            v1, v2, v3 = raw[:n], raw[n:2 * n], raw[2 * n:]
-            return v3 + self.cfg_img * (v2 - v3) + self.cfg * (v1 - v2)
-        scale = self.cfg if self.branches[1] == UNCOND_TEXT else self.cfg_img
-        v1, v2 = raw[:n], raw[n:]
-        return v2 + scale * (v1 - v2)
 
     def start_token(self, condition: torch.Tensor, cfg: float, cfg_img: float) -> None:
         self.head.set_condition(condition)
@@ -136,10 +121,7 @@ class GuidedVelocity:
         raw = self.head.velocity(x.expand(self.num_branches, *x.shape).reshape(self.num_branches * n, -1), step)
         if raw.dtype != self.state_dtype:
             raw = raw.to(self.state_dtype)
-        guided = self.combine(raw, n)
-        if self.velocity_norm:
-            guided = clamp_velocity_norm(guided, raw[: guided.shape[0]])
-        return guided
+        return guide(raw, self.branches, self.cfg, self.cfg_img, self.velocity_norm)
 
 
 class StepMask:
@@ -210,11 +192,12 @@ def decode_tokens(model, version, hidden: torch.Tensor, cache, mask: torch.Tenso
     settings = request.settings
     state_dtype = torch.float32 if version.noise_in_float32 else dtype
     noise = NoiseStream(request, token_dim, state_dtype, device, version.shared_noise_across_prompts)
-    head = TokenHead(model.image_head.net, evaluation_times(settings).to(device), hidden.shape[0], dtype, exact=exact)
+    check_branches(request.branches)
+    sample = prepare_sampler(settings)
+    head = TokenHead(model.image_head.net, sample.evaluation_times.to(device), hidden.shape[0], dtype, exact=exact)
     if compile:
         compile_head(head, device)
     velocity = GuidedVelocity(head, request.branches, settings, state_dtype)
-    sample = prepare_sampler(settings)
     steps = StepMask(mask, request.num_tokens)
     tokens = torch.empty(request.images, request.num_tokens, token_dim, device=device, dtype=dtype)
     num_branches = len(request.branches)

@@ -15,7 +15,7 @@ FLUX_FILES = [("diffusion_models", "flux1-dev.safetensors"), ("text_encoders", "
 
 
 def write_models(models):
-    from nextstep_core.cli import DEMO_MODEL
+    from nextstep_core import DEMO_MODEL
     from nextstep_core.demo.tiny import write_tiny_model
 
     nextstep = models / "nextstep"
