@@ -26,6 +26,7 @@ from .engine.prompt import IMAGE_MARKER, PLACEHOLDER, PromptRows, build_prompt_r
 from .engine.vae import ImageTokenizer, load_image_tokenizer
 from .errors import NextStepError
 from .memory.offload import check_block_swap, enable_block_swap
+from .sampling.graphs import graph_mode
 from .sampling.reference_loop import decode_tokens_reference
 from .sampling.settings import CFG_SCHEDULES, RECOMMENDED_STEPS, SamplerSettings
 from .sampling.token_loop import (
@@ -186,6 +187,7 @@ class NextStepPipeline:
         loop: str = "fast",
         exact: bool = True,
         compile: bool = False,
+        graph: str | bool = "auto",
     ) -> GenerationResult:
         """Text-to-image, or editing when `image` is given (the prompt holds one `<image>` marker).
 
@@ -193,11 +195,13 @@ class NextStepPipeline:
         the checkpoint version's defaults (see checkpoint.VersionSettings). Raises NextStepError
         for bad input before any model work.
 
-        Speed options (sampling/token_loop.py): loop "fast" (default) or "reference" (the contract line by
-        line, for comparison); exact=False lets the fast loop read each head modulation weight
-        once per token instead of once per step and use a static KV cache (float rounding
-        differs); compile=True
-        torch.compiles the head step (CUDA graphs on CUDA; off by default).
+        Speed options (sampling/token_loop.py): loop "fast" (default) or "reference" (the
+        contract line by line, for comparison); exact=False lets the fast loop read each head
+        modulation weight once per token instead of once per step and use a static KV cache
+        (float rounding differs); compile=True torch.compiles the head step (off by default);
+        graph "auto" (default) captures each token's whole step once as a CUDA graph on a CUDA
+        device and replays it for every later token ("on": also on other devices, as a recorded
+        replay that checks the step is graph-safe; "off": never; see sampling/graphs.py).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         editing = image is not None
@@ -209,6 +213,8 @@ class NextStepPipeline:
         pixels = self.check_request(prompts, image, cfg, cfg_img, cfg_schedule, num_images)
         if loop not in LOOPS:
             raise NextStepError(f"loop {loop!r} is not one of {', '.join(LOOPS)}")
+        graph_steps = None if loop == "reference" else graph_mode(
+            graph, self.device, block_swap=getattr(self.model, "block_swap", None) is not None, compile=compile)
         if width is None and height is None and pixels is not None:
             height, width = pixels.shape[-2:]
         if width is None or height is None:
@@ -228,7 +234,8 @@ class NextStepPipeline:
         image_tokens = None
         if pixels is not None:
             image_tokens = self.encode_edit_image(pixels, int(rows.image_rows.sum()), generator, seed)
-        static_tokens = token_grid[0] * token_grid[1] if loop == "fast" and not exact else None
+        static = loop == "fast" and (not exact or graph_steps is not None)
+        static_tokens = token_grid[0] * token_grid[1] if static else None
         hidden, cache, mask = self.prefill(rows, image_tokens, static_tokens)
         request = DecodeRequest(rows, token_grid, num_images, len(prompts), cfg, cfg_img, cfg_schedule, settings,
                                 use_norm, generator, callback)
@@ -237,7 +244,7 @@ class NextStepPipeline:
                 tokens = decode_tokens_reference(self.model, self.version, hidden, cache, mask, request)
             else:
                 tokens = decode_tokens(self.model, self.version, hidden, cache, mask, request, exact=exact,
-                                       compile=compile)
+                                       compile=compile, graph=graph_steps)
         latents = unpatchify(tokens, token_grid, self.model.config.latent_patch_size)
         images = None
         if decode:
@@ -319,7 +326,7 @@ class NextStepPipeline:
         cache = (DynamicCache(config=config) if static_tokens is None
                  else StaticCache(config=config, max_cache_len=input_ids.shape[1] + static_tokens))
         out = self.model.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                  past_key_values=cache, use_cache=True)
+                                  cache=cache, use_cache=True)
         return out.last_hidden_state[:, -1], cache, mask
 
 

@@ -97,10 +97,14 @@ class NextStepModel(nn.Module):
         """Tokens the 1.0 position table covers (32*32) when it is used, else None."""
         return self.gen_pos_embed.shape[1] if self.config.use_gen_pos_embed else None
 
-    def head_condition(self, hidden: torch.Tensor, token_index: int) -> torch.Tensor:
-        """(rows, hidden) last hidden state -> (rows, hidden) head condition for token k."""
+    def head_condition(self, hidden: torch.Tensor, token_index: int | torch.Tensor) -> torch.Tensor:
+        """(rows, hidden) last hidden state -> (rows, hidden) head condition for token k.
+
+        token_index: k, or a 0-d long tensor on the model's device (read there: no host sync, so
+        a captured CUDA graph reads the current value)."""
         if self.config.use_gen_pos_embed:
-            hidden = hidden + self.gen_pos_embed[0, token_index]
+            index = torch.as_tensor(token_index, device=hidden.device).reshape(1)
+            hidden = hidden + self.gen_pos_embed[0].index_select(0, index)
         return self.image_out_projector(hidden)
 
 

@@ -72,6 +72,6 @@ def decode_tokens_reference(model, version, hidden: torch.Tensor, cache, mask: t
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         position = torch.full((mask.shape[0], 1), length + k, device=device)
         out = model.backbone(inputs_embeds=embed, attention_mask=mask, position_ids=position,
-                             past_key_values=cache, use_cache=True)
+                             cache=cache, use_cache=True)
         hidden = out.last_hidden_state[:, -1]
     return tokens

@@ -23,9 +23,9 @@ import torch
 from ..engine.head import SMALL_WEIGHT_BYTES, TokenHead
 from ..engine.prompt import PromptRows
 from ..errors import NextStepError
-from .guidance import check_branches, guidance_scales, guide
-from .samplers import normalize_token, prepare_sampler
+from .graphs import GraphedStep
 from .settings import SamplerSettings
+from .token_step import TokenStep
 
 # callback(tokens_done, tokens_total, tokens (images, tokens_done, 64)) -> False to stop
 ProgressCallback = Callable[[int, int, torch.Tensor], "bool | None"]
@@ -82,62 +82,25 @@ class NoiseStream:
         self.dtype = dtype
         self.device = torch.device(device)
 
-    def __call__(self) -> torch.Tensor:
+    def draw(self) -> torch.Tensor:
+        """The next (images, token_dim) block, on the CPU."""
         block = torch.randn(self.shape, generator=self.generator, dtype=self.dtype)
-        if self.repeats > 1:
-            block = block.repeat(self.repeats, 1)
+        return block.repeat(self.repeats, 1) if self.repeats > 1 else block
+
+    def __call__(self) -> torch.Tensor:
+        block = self.draw()
         return block if self.device.type == "cpu" else block.to(self.device)
+
+    def blocks(self, count: int) -> torch.Tensor:
+        """The next `count` blocks (count, images, token_dim), drawn one by one as __call__
+        would draw them, moved to the device at once."""
+        stacked = torch.stack([self.draw() for _ in range(count)])
+        return stacked if self.device.type == "cpu" else stacked.to(self.device, non_blocking=True)
 
 
 def report_progress(request: DecodeRequest, tokens: torch.Tensor, done: int) -> None:
     if request.callback is not None and request.callback(done, request.num_tokens, tokens[:, :done]) is False:
         raise GenerationInterrupted(f"stopped after {done} of {request.num_tokens} tokens")
-
-
-class GuidedVelocity:
-    """velocity(x, t) for the samplers, backed by a TokenHead: the i-th call uses the i-th
-    evaluation time of the prepared sampler (samplers evaluate their `evaluation_times` in order)."""
-
-    def __init__(self, head: TokenHead, branches: list[str], settings: SamplerSettings, state_dtype: torch.dtype):
-        self.head = head
-        self.branches = branches
-        self.num_branches = len(branches)
-        self.velocity_norm = settings.velocity_norm
-        self.state_dtype = state_dtype
-        self.cfg = self.cfg_img = 1.0
-        self.calls = 0
-
-    def start_token(self, condition: torch.Tensor, cfg: float, cfg_img: float) -> None:
-        self.head.set_condition(condition)
-        self.cfg, self.cfg_img = cfg, cfg_img
-        self.calls = 0
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        step = self.calls
-        self.calls += 1
-        n = x.shape[0]
-        if x.dtype != self.head.dtype:
-            x = x.to(self.head.dtype)
-        raw = self.head.velocity(x.expand(self.num_branches, *x.shape).reshape(self.num_branches * n, -1), step)
-        if raw.dtype != self.state_dtype:
-            raw = raw.to(self.state_dtype)
-        return guide(raw, self.branches, self.cfg, self.cfg_img, self.velocity_norm)
-
-
-class StepMask:
-    """The attention mask over prompt + image tokens, allocated once: (rows, L + tokens) with the
-    prompt's padding mask in front and ones after; `upto(k)` is the view for k image tokens fed."""
-
-    def __init__(self, prompt_mask: torch.Tensor, num_tokens: int):
-        rows, length = prompt_mask.shape
-        self.full = prompt_mask.new_ones(rows, length + num_tokens)
-        self.full[:, :length] = prompt_mask
-        self.length = length
-        self.positions = torch.arange(length, length + num_tokens, device=prompt_mask.device).view(-1, 1, 1)
-        self.positions = self.positions.expand(num_tokens, rows, 1)
-
-    def upto(self, fed: int) -> torch.Tensor:
-        return self.full[:, : self.length + fed]
 
 
 def compile_head(head: TokenHead, device: torch.device) -> None:
@@ -177,44 +140,32 @@ def cpu_threads(count: int | None) -> Iterator[None]:
 
 @torch.no_grad()
 def decode_tokens(model, version, hidden: torch.Tensor, cache, mask: torch.Tensor, request: DecodeRequest, *,
-                  exact: bool = True, compile: bool = False) -> torch.Tensor:
+                  exact: bool = True, compile: bool = False, graph: str | None = None) -> torch.Tensor:
     """The fast token loop. hidden (rows, hidden) is the prefill's last hidden state; returns
     tokens (images, num_tokens, token_dim) in the model's dtype.
 
     exact: AdaLN modulations as per-step products and every product F.linear (CPU: the
     reference's bits); False reads each modulation weight once per token and uses faster
-    product kernels for large weights (head.fast_product; float rounding differs). compile: torch.compile
-    the head step (off by default; on CUDA it also captures CUDA graphs).
+    product kernels for large weights (head.fast_product; float rounding differs). compile:
+    torch.compile the head step. graph: how the steps after the first run (graphs.graph_mode):
+    None eagerly, "cuda" as one CUDA graph replayed per token, "recorded" as the recorded replay;
+    graphs need the StaticCache the pipeline allocates for them.
     """
     dtype = model.image_in_projector.weight.dtype
     device = hidden.device
-    token_dim = model.config.token_dim
-    settings = request.settings
     state_dtype = torch.float32 if version.noise_in_float32 else dtype
-    noise = NoiseStream(request, token_dim, state_dtype, device, version.shared_noise_across_prompts)
-    check_branches(request.branches)
-    sample = prepare_sampler(settings)
-    head = TokenHead(model.image_head.net, sample.evaluation_times.to(device), hidden.shape[0], dtype, exact=exact)
+    noise = NoiseStream(request, model.config.token_dim, state_dtype, device, version.shared_noise_across_prompts)
+    step = TokenStep(model, version, request, cache, mask, noise, exact=exact)
     if compile:
-        compile_head(head, device)
-    velocity = GuidedVelocity(head, request.branches, settings, state_dtype)
-    steps = StepMask(mask, request.num_tokens)
-    tokens = torch.empty(request.images, request.num_tokens, token_dim, device=device, dtype=dtype)
-    num_branches = len(request.branches)
+        compile_head(step.velocity.head, device)
+    run = GraphedStep(step, graph) if graph is not None else step
+    tokens = torch.empty(request.images, request.num_tokens, model.config.token_dim, device=device, dtype=dtype)
+    step.prepare(0)
+    token = step.sample(hidden)
     for k in range(request.num_tokens):
-        condition = model.head_condition(hidden, k)
-        scale, scale_img = guidance_scales(k, request.num_tokens, request.cfg, request.cfg_img, request.cfg_schedule,
-                                           version.rising_linear_schedule)
-        velocity.start_token(condition, scale, scale_img)
-        token = sample(velocity, noise).to(dtype)
-        if request.use_norm:
-            token = normalize_token(token)
+        if k:
+            step.prepare(k)
+            token = run(token)
         tokens[:, k] = token
         report_progress(request, tokens, k + 1)
-        if k + 1 == request.num_tokens:
-            break
-        embed = model.image_in_projector(token).repeat(num_branches, 1)[:, None]
-        out = model.backbone(inputs_embeds=embed, attention_mask=steps.upto(k + 1), position_ids=steps.positions[k],
-                             past_key_values=cache, use_cache=True)
-        hidden = out.last_hidden_state[:, -1]
     return tokens
