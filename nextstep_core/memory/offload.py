@@ -37,6 +37,11 @@ def check_block_swap(count: int, num_layers: int) -> None:
         raise NextStepError(f"block_swap {count} is more than the model's {num_layers} decoder layers")
 
 
+def uses_copy_stream(device: torch.device) -> bool:
+    """Whether copies to `device` run on a side stream with events (CUDA), or inline."""
+    return device.type == "cuda"
+
+
 def layer_tensors(layer: nn.Module) -> list[tuple[nn.Module, str, bool]]:
     """(owning module, attribute, is parameter) for every tensor of a layer."""
     out = []
@@ -87,7 +92,7 @@ class BlockSwap:
         if index in self.in_flight:
             return
         sources = self.storage[index]
-        if device.type == "cuda":
+        if uses_copy_stream(device):
             if self.copy_stream is None:
                 self.copy_stream = torch.cuda.Stream(device)
             self.copy_stream.wait_stream(torch.cuda.current_stream(device))

@@ -1,0 +1,72 @@
+"""The loader's GPU-only path, run in-process with ComfyUI's model management claiming a CUDA
+device: the memory planner is asked (dtype auto, block_swap -1, the widgets' defaults), its plan
+logged, and the model loaded as planned. On a real CPU-only ComfyUI this path never runs."""
+
+import logging
+import sys
+
+import pytest
+import torch
+from comfy_harness import COMFY_DIR, REPO, needs_comfyui
+
+pytestmark = needs_comfyui
+
+GIB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def pack():
+    """ComfyUI's modules in this process (CPU mode, no argument parsing) and the pack as a package."""
+    import importlib.util
+
+    sys.path.insert(0, str(COMFY_DIR))
+    from comfy.cli_args import args
+
+    args.cpu = True
+    spec = importlib.util.spec_from_file_location("ComfyUI_NextStep_inprocess", REPO / "__init__.py",
+                                                  submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    loaders = sys.modules[f"{spec.name}.nodes.loaders"]
+    loaders.register_folder()
+    return sys.modules[f"{spec.name}.nodes.model"], loaders
+
+
+@pytest.fixture
+def fake_gpu(pack, monkeypatch):
+    import comfy.model_management as mm
+
+    free = {"bytes": 80 * GIB}
+    monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("cuda", 0))
+    monkeypatch.setattr(mm, "get_free_memory", lambda device=None, torch_free_too=False: free["bytes"])
+    monkeypatch.setattr(mm, "unet_offload_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(mm, "vae_offload_device", lambda: torch.device("cpu"))
+    return free
+
+
+def test_plan_memory_on_a_gpu_asks_the_planner_and_logs_the_plan(pack, fake_gpu, caplog):
+    from nextstep_core import DEMO_MODEL
+    from nextstep_core.engine.checkpoint import inspect_model_folder
+
+    model, _ = pack
+    files = inspect_model_folder(DEMO_MODEL)
+    with caplog.at_level(logging.INFO):
+        precision, swap = model.plan_memory(files, "auto", model.AUTO_SWAP)
+    assert (precision, swap) == ("bf16", 0)  # 80 GiB free: the first plan fits
+    assert any("bf16" in record.getMessage() for record in caplog.records)
+    assert model.plan_memory(files, "fp8_e4m3fn", model.AUTO_SWAP) == ("fp8_e4m3fn", 0)
+    fake_gpu["bytes"] = 1 << 20  # 1 MiB: nothing fits, and the message says what to do
+    with pytest.raises(Exception, match="0.0 GiB free: use a smaller image or batch, or free memory") as error:
+        model.plan_memory(files, "auto", model.AUTO_SWAP)
+    assert type(error.value).__name__ == "NextStepError"  # the pack's own copy of the engine's class
+
+
+def test_loader_with_default_widgets_on_a_faked_gpu(pack, fake_gpu):
+    model, loaders = pack
+    output = loaders.NextStepModelLoader.execute("nextstep-demo", "auto", "auto", "auto")
+    loaded, vae = output.result
+    assert loaded.patcher.load_device == torch.device("cuda", 0)
+    assert loaded.pipe.model.image_in_projector.weight.dtype == torch.bfloat16  # the plan's choice
+    assert loaded.pipe.device.type == "cpu"  # loaded on the offload device; ComfyUI moves it when a node runs
+    assert vae.image_tokenizer is loaded.pipe.image_tokenizer
