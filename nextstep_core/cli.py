@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 from . import DEMO_MODEL
+from .checks import check_device, check_output_path, read_image
 from .errors import NextStepError
 from .sampling.settings import SAMPLERS
 
@@ -55,9 +57,19 @@ def output_paths(out: str, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}_{i}{path.suffix or '.png'}") for i in range(count)]
 
 
-def run_generate(args) -> list[Path]:
-    from PIL import Image
+def write_png(picture, path: Path) -> None:
+    """Write through a temporary file beside the target, renamed into place once complete, so an
+    interrupted or failed write never leaves a partial image under the output name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        picture.save(partial, format="PNG")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
+
+def run_generate(args) -> list[Path]:
     from .pipeline import NextStepPipeline
 
     model = args.model
@@ -65,15 +77,14 @@ def run_generate(args) -> list[Path]:
         if not (DEMO_MODEL / "config.json").is_file():
             raise NextStepError("no --model given and the embedded demo model is not shipped yet: pass --model DIR")
         model = DEMO_MODEL
-    image = None
-    if args.image:
-        if not Path(args.image).is_file():
-            raise NextStepError(f"input image {args.image} does not exist")
-        image = Image.open(args.image).convert("RGB")
+    check_output_path(args.out)
+    check_device(args.device)
+    image = read_image(args.image) if args.image else None
     width, height = args.width, args.height
     if image is None:
         default = 64 if model == DEMO_MODEL else 256  # the demo model was trained on 64-128 px scenes
-        width, height = width or default, height or default
+        width = default if width is None else width
+        height = default if height is None else height
 
     started = time.perf_counter()
     pipe = NextStepPipeline.from_folder(model, args.vae, version=args.version, dtype=args.dtype, device=args.device)
@@ -93,8 +104,7 @@ def run_generate(args) -> list[Path]:
     )
     paths = output_paths(args.out, len(result.images))
     for path, picture in zip(paths, result.to_pil()):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        picture.save(path)
+        write_png(picture, path)
         log(f"wrote {path}")
     log(f"done in {time.perf_counter() - started:.1f}s")
     return paths

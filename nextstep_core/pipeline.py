@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from transformers import DynamicCache, PreTrainedTokenizerBase, StaticCache
 
+from .checks import check_count, check_device, check_image_size, check_number
 from .engine.checkpoint import NextStepConfig, VersionSettings, inspect_model_folder
 from .engine.model import NextStepModel, load_model, patchify, unpatchify
 from .engine.precision import parse_precision
@@ -71,15 +72,6 @@ class GenerationResult:
         return [Image.fromarray(a) for a in arrays]
 
 
-def check_image_size(width: int, height: int, multiple: int) -> tuple[int, int]:
-    """The token grid (rows, cols) for an image size, or a NextStepError naming the bad side."""
-    for name, value in (("width", width), ("height", height)):
-        if int(value) != value or value <= 0:
-            raise NextStepError(f"{name} {value} must be a positive whole number of pixels")
-        if value % multiple:
-            raise NextStepError(f"{name} {value} is not a multiple of {multiple}")
-    return height // multiple, width // multiple
-
 
 def image_to_pixels(image: Image.Image | torch.Tensor) -> torch.Tensor:
     """PIL image, or float tensor (H, W, 3) / (1, H, W, 3) in [0, 1] -> pixels (1, 3, H, W) in [-1, 1]."""
@@ -118,6 +110,7 @@ class NextStepPipeline:
         decoder matrices in fp8 and computes in `fp8_compute` (bfloat16). block_swap keeps that many decoder
         layers on the CPU and streams them to the compute device when used (offload.py).
         """
+        device = check_device(device)
         precision = parse_precision(parse_dtype(dtype) if precision is None else precision, fp8_compute=fp8_compute)
         dtype = precision.dtype
         files = inspect_model_folder(model_folder, vae_folder=vae_folder, version=version)
@@ -256,14 +249,11 @@ class NextStepPipeline:
                       cfg_schedule: str, num_images: int) -> torch.Tensor | None:
         if not prompts:
             raise NextStepError("no prompt given")
-        if cfg < 1:
-            raise NextStepError(f"cfg {cfg} must be >= 1 (1 turns text guidance off)")
-        if cfg_img < 1:
-            raise NextStepError(f"cfg_img {cfg_img} must be >= 1 (1 turns image guidance off)")
+        check_number("cfg", cfg, minimum=1, hint=" (1 turns text guidance off)")
+        check_number("cfg_img", cfg_img, minimum=1, hint=" (1 turns image guidance off)")
         if cfg_schedule not in CFG_SCHEDULES:
             raise NextStepError(f"cfg schedule {cfg_schedule!r} is not one of {', '.join(CFG_SCHEDULES)}")
-        if int(num_images) != num_images or num_images < 1:
-            raise NextStepError(f"number of images {num_images} must be a whole number >= 1")
+        check_count("number of images", num_images)
         markers = [p.count(IMAGE_MARKER) for p in prompts]
         if image is None:
             if any(markers):

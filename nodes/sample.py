@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+from ..nextstep_core import CFG_SCHEDULES, SAMPLERS
+from ..nextstep_core.checks import check_image_size
 from ..nextstep_core.engine.prompt import IMAGE_MARKER
 from ..nextstep_core.errors import NextStepError
-from ..nextstep_core.pipeline import check_image_size
-from ..nextstep_core import CFG_SCHEDULES, SAMPLERS
 from .latent import from_latent_dict, to_latent_dict
 from .model import LoadedNextStep, NextStepModelType, load_onto_device, release_swap
 from .preview import TokenProgress

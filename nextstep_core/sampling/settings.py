@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_count, check_number
 from ..errors import NextStepError
 
 LAST_STEP_SIZE = 0.04
@@ -59,14 +60,13 @@ class SamplerSettings:
     def validate(self) -> None:
         if self.name not in SAMPLERS:
             raise NextStepError(f"sampler {self.name!r} is not one of {', '.join(SAMPLERS)}")
-        if int(self.steps) != self.steps or self.steps < 1:
-            raise NextStepError(f"steps {self.steps} must be a whole number >= 1")
+        check_count("steps", self.steps)
         if self.name == "euler_maruyama" and self.steps < 2:
             raise NextStepError("steps 1 is too few for the euler_maruyama sampler: use at least 2")
+        check_number("shift", self.shift)
         if not self.shift > 0:
             raise NextStepError(f"shift {self.shift} must be > 0")
-        if not 0 <= self.noise_level <= 1:
-            raise NextStepError(f"noise level {self.noise_level} must be in [0, 1]")
+        check_number("noise level", self.noise_level, minimum=0, maximum=1)
 
 
 @dataclass(frozen=True)
