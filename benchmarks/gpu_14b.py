@@ -37,7 +37,8 @@ from nextstep_core.engine.checkpoint import NEXTSTEP_1_1, NextStepConfig  # noqa
 from nextstep_core.engine.model import NextStepModel  # noqa: E402
 from nextstep_core.engine.precision import Fp8Linear, fp8_linear_names, parse_precision, quantize_rows_into  # noqa: E402
 from nextstep_core.engine.prompt import SpecialIds, load_tokenizer  # noqa: E402
-from nextstep_core.engine.vae import ImageTokenizer, VaeConfig  # noqa: E402
+from nextstep_core.engine.vae import ImageTokenizer  # noqa: E402
+from nextstep_core.engine.vae_files import VaeConfig  # noqa: E402
 from nextstep_core.memory.offload import disable_block_swap, enable_block_swap  # noqa: E402
 from nextstep_core.pipeline import NextStepPipeline  # noqa: E402
 from nextstep_core.sampling.samplers import head_evaluations  # noqa: E402

@@ -82,7 +82,8 @@ def write_shapes_only(root: Path) -> Path:
     from nextstep_core.demo.tiny_tokenizer import write_tiny_tokenizer
     from nextstep_core.engine.checkpoint import NextStepConfig
     from nextstep_core.engine.model import NextStepModel
-    from nextstep_core.engine.vae import random_flux_state_dict, save_image_tokenizer
+    from nextstep_core.engine.vae import random_flux_state_dict
+    from nextstep_core.engine.vae_files import save_image_tokenizer
 
     folder = root / "NextStep-14B-shapes"
     folder.mkdir()

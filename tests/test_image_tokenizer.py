@@ -7,13 +7,15 @@ import torch
 
 from nextstep_core.engine.vae import (
     ImageTokenizer,
-    VaeConfig,
     build_autoencoder,
-    diffusers_keys_to_flux,
-    flux_keys_to_diffusers,
     load_image_tokenizer,
     normalize_latent_positions,
     random_flux_state_dict,
+)
+from nextstep_core.engine.vae_files import (
+    VaeConfig,
+    diffusers_keys_to_flux,
+    flux_keys_to_diffusers,
     save_image_tokenizer,
 )
 from nextstep_core.errors import NextStepError

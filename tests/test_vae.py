@@ -1,4 +1,4 @@
-"""nextstep_core.engine.vae: config, Flux <-> diffusers names, the Flux forward, latent maths, files and refusals."""
+"""engine.vae and engine.vae_files: config, Flux <-> diffusers names, the Flux forward, latent maths, files, refusals."""
 
 import json
 import math
@@ -12,14 +12,16 @@ from PIL import Image
 
 from nextstep_core.engine.vae import (
     ImageTokenizer,
-    VaeConfig,
-    diffusers_keys_to_flux,
-    flux_keys_to_diffusers,
     image_to_pixels,
     load_image_tokenizer,
     normalize_latent_positions,
     pil_to_pixels,
     random_flux_state_dict,
+)
+from nextstep_core.engine.vae_files import (
+    VaeConfig,
+    diffusers_keys_to_flux,
+    flux_keys_to_diffusers,
     save_image_tokenizer,
 )
 from nextstep_core.errors import NextStepError

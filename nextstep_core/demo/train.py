@@ -45,7 +45,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..engine.checkpoint import NextStepConfig, save_sharded
 from ..engine.model import NextStepModel, patchify
 from ..engine.prompt import SpecialIds, build_prompt_rows, load_tokenizer
-from ..engine.vae import ImageTokenizer, VaeConfig, diffusers_keys_to_flux, save_image_tokenizer
+from ..engine.vae import ImageTokenizer
+from ..engine.vae_files import VaeConfig, diffusers_keys_to_flux, save_image_tokenizer
 from .objective import TrainingBatch, training_losses
 from .scenes import edit_dataset, scene_dataset
 from .tiny import TinySpec, release_state_dict, tiny_config_dict
