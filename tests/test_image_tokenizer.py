@@ -40,7 +40,8 @@ def test_flux_names_convert_to_exactly_the_diffusers_names():
     for name, tensor in converted.items():
         assert tensor.shape == reference[name].shape, name
     # decoder up.i is diffusers up_blocks.(n-1-i)
-    torch.testing.assert_close(converted["decoder.up_blocks.0.upsamplers.0.conv.weight"], flux["decoder.up.3.upsample.conv.weight"])
+    torch.testing.assert_close(converted["decoder.up_blocks.0.upsamplers.0.conv.weight"],
+                               flux["decoder.up.3.upsample.conv.weight"])
     back = diffusers_keys_to_flux(converted, levels=4)
     assert set(back) == set(flux)
     assert all(torch.equal(back[k], flux[k]) for k in flux)

@@ -349,8 +349,9 @@ def check_weights(state: dict, expected: dict, original_names: dict, config: Vae
     check_names(state, expected, original_names, config, path)
     for name, tensor in sorted(state.items()):
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise NextStepError(f"VAE checkpoint {path}: tensor {original_names[name]} has shape {tuple(tensor.shape)}, "
-                                f"config.json (ch, ch_mult, z_channels) needs {tuple(expected[name].shape)}")
+            raise NextStepError(f"VAE checkpoint {path}: tensor {original_names[name]} has shape "
+                                f"{tuple(tensor.shape)}, config.json (ch, ch_mult, z_channels) needs "
+                                f"{tuple(expected[name].shape)}")
 
 
 def check_names(state: dict, expected: dict, original_names: dict, config: VaeConfig, path: Path) -> None:

@@ -99,8 +99,8 @@ class MemoryPlan:
         lines = [f"NextStep memory plan: {self.precision}{swap}"]
         rows = [("weights (resident)", self.weights), ("swap buffers (2 layers)", self.swap_buffers),
                 ("KV cache", self.kv_cache), ("activations (prefill)", self.activations),
-                ("flow head working set", self.head), ("fp8 upcast (1 matrix)", self.upcast), ("VAE weights", self.vae_weights),
-                ("VAE decode", self.vae_decode), ("estimated peak", self.total)]
+                ("flow head working set", self.head), ("fp8 upcast (1 matrix)", self.upcast),
+                ("VAE weights", self.vae_weights), ("VAE decode", self.vae_decode), ("estimated peak", self.total)]
         lines += [f"  {name:<26}{size_text(size)}" for name, size in rows]
         if self.free is not None:
             verdict = "fits" if self.fits(self.free) else "does NOT fit"
