@@ -37,7 +37,8 @@ from nextstep_core.engine.checkpoint import NEXTSTEP_1_1, NextStepConfig  # noqa
 from nextstep_core.engine.model import NextStepModel  # noqa: E402
 from nextstep_core.engine.precision import Fp8Linear, fp8_linear_names, parse_precision, quantize_rows_into  # noqa: E402
 from nextstep_core.engine.prompt import SpecialIds, load_tokenizer  # noqa: E402
-from nextstep_core.engine.vae import ImageTokenizer, VaeConfig  # noqa: E402
+from nextstep_core.engine.vae import ImageTokenizer  # noqa: E402
+from nextstep_core.engine.vae_files import VaeConfig  # noqa: E402
 from nextstep_core.memory.offload import disable_block_swap, enable_block_swap  # noqa: E402
 from nextstep_core.pipeline import NextStepPipeline  # noqa: E402
 from nextstep_core.sampling.samplers import head_evaluations  # noqa: E402
@@ -87,7 +88,8 @@ class Timers:
         self.device = pipe.device
         self.enabled = True
         self.totals = {"prefill": 0.0, "decode": 0.0, "vae": 0.0}
-        self.wrap(pipe.model.backbone, "forward", lambda *a, **k: "prefill" if k["inputs_embeds"].shape[1] > 1 else "decode")
+        self.wrap(pipe.model.backbone, "forward",
+                  lambda *a, **k: "prefill" if k["inputs_embeds"].shape[1] > 1 else "decode")
         self.wrap(pipe.image_tokenizer, "decode", lambda *a, **k: "vae")
 
     def wrap(self, obj, name: str, kind) -> None:
@@ -201,8 +203,8 @@ def set_fp8_matmul(pipe: NextStepPipeline, enabled: bool) -> None:
 def run(shape_name: str, device: torch.device, log) -> dict:
     shapes = SHAPES[shape_name]
     dtype = torch.bfloat16
-    report: dict = {"shapes": shape_name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                    "torch": torch.__version__}
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    report: dict = {"shapes": shape_name, "device": device_name, "torch": torch.__version__}
     bandwidth = read_bandwidth(device, gib=4.0 if device.type == "cuda" else 0.5)
     report["read_bandwidth_gb_s"] = bandwidth / 1e9
     log(f"read bandwidth {bandwidth / 1e9:.0f} GB/s")
@@ -300,7 +302,8 @@ def markdown(report: dict) -> str:
              f"{report['decoder_weight_gb']:.1f} GB bf16, head {report['head_weight_mb']:.0f} MB; read bandwidth "
              f"{report['read_bandwidth_gb_s']:.0f} GB/s -> floors: decode {report['decode_floor_ms']:.2f} ms/token, "
              f"head {report['head_floor_ms']:.3f} ms/evaluation.", "",
-             "| loop | tokens/s | decode ms/token | floor/decode | head ms/token | head ms/eval | max diff to reference |",
+             "| loop | tokens/s | decode ms/token | floor/decode | head ms/token | head ms/eval "
+             "| max diff to reference |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in report["loops"].items():
         if "error" in r:

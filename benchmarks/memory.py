@@ -51,7 +51,8 @@ def plan_vs_measured(folder: Path, width: int, images: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--plan-only", type=float, metavar="FREE_GIB",
-                        help="only print the planner's choice for the 14B model at 1024x1024 with this much free memory")
+                        help="only print the planner's choice for the 14B model at 1024x1024 "
+                             "with this much free memory")
     parser.add_argument("--out", default=str(Path(__file__).with_name("memory.json")))
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -82,7 +83,8 @@ def write_shapes_only(root: Path) -> Path:
     from nextstep_core.demo.tiny_tokenizer import write_tiny_tokenizer
     from nextstep_core.engine.checkpoint import NextStepConfig
     from nextstep_core.engine.model import NextStepModel
-    from nextstep_core.engine.vae import random_flux_state_dict, save_image_tokenizer
+    from nextstep_core.engine.vae import random_flux_state_dict
+    from nextstep_core.engine.vae_files import save_image_tokenizer
 
     folder = root / "NextStep-14B-shapes"
     folder.mkdir()
@@ -97,7 +99,8 @@ def write_shapes_only(root: Path) -> Path:
         if "rotary_emb" in name:
             continue
         size = t.numel() * 2
-        header[name.removeprefix("backbone.")] = {"dtype": "BF16", "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        header[name.removeprefix("backbone.")] = {"dtype": "BF16", "shape": list(t.shape),
+                                                  "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header).encode()
     with open(folder / "model.safetensors", "wb") as f:  # sparse: the data part is a hole

@@ -59,8 +59,8 @@ def run_config(pipe, label: str, sampler: str, steps: int | None, captions: int,
     settings = pipe.sampler_settings(sampler, steps)
     started = time.perf_counter()
     report = evaluate(pipe, captions=captions, edits=edits, seed=seed, **sampling)
-    row = {"label": label, "sampler": settings.name, "steps": settings.steps, "head_evaluations": head_evaluations(settings),
-           "caption_score": 100 * report["caption_score"],
+    row = {"label": label, "sampler": settings.name, "steps": settings.steps,
+           "head_evaluations": head_evaluations(settings), "caption_score": 100 * report["caption_score"],
            "edit_score": None if report["edit_score"] is None else 100 * report["edit_score"],
            "seconds": round(time.perf_counter() - started, 1)}
     row["_features"] = thumbnails(report["_samples"])
@@ -87,10 +87,11 @@ def plot(rows: list[dict], path: Path) -> None:
         series_score.setdefault(r["sampler"], []).append((r["head_evaluations"], r["caption_score"]))
         series_distance.setdefault(r["sampler"], []).append((r["head_evaluations"], r["distance"]))
     name = f"default {default['sampler']} {default['steps']}"
+    x_label = "head evaluations per token"
     plot_panels(str(path), [
-        Panel("Prompt-following (checker caption score x100) vs head evaluations per token", "head evaluations per token",
+        Panel("Prompt-following (checker caption score x100) vs head evaluations per token", x_label,
               "score", series_score, hlines={name: default["caption_score"]}),
-        Panel("Distance to the default sampler's images (sliced W1 x100; lower is closer)", "head evaluations per token",
+        Panel("Distance to the default sampler's images (sliced W1 x100; lower is closer)", x_label,
               "distance", series_distance, hlines={"default, other seeds": floor["distance"]}),
     ])
 

@@ -301,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             print(child.stderr, file=sys.stderr)
             return child.returncode
         results.append(json.loads(child.stdout.strip().splitlines()[-1]))
-    Path(args.out).write_text(json.dumps({"torch_threads": torch.get_num_threads(), "results": results}, indent=2) + "\n")
+    summary = {"torch_threads": torch.get_num_threads(), "results": results}
+    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
     print(tables(results))
     return 0
 

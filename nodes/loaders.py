@@ -111,8 +111,10 @@ class NextStepModelLoader(io.ComfyNode):
                                      "planner decides from the free memory (0 on the CPU)."),
             ],
             outputs=[
-                NextStepModelType.Output("model", display_name="model", tooltip="The NextStep model, for the NextStep sampling nodes."),
-                NextStepVAEType.Output("vae", display_name="vae", tooltip="Its image tokenizer, for NextStep VAE Encode / Decode."),
+                NextStepModelType.Output("model", display_name="model",
+                                         tooltip="The NextStep model, for the NextStep sampling nodes."),
+                NextStepVAEType.Output("vae", display_name="vae",
+                                       tooltip="Its image tokenizer, for NextStep VAE Encode / Decode."),
             ],
         )
 
@@ -125,8 +127,8 @@ class NextStepModelLoader(io.ComfyNode):
         try:
             inspect_model_folder(resolve(model_name), need_vae=False)
         except NextStepError as exc:
-            hint = "" if model_name in model_choices() else \
-                f" (choose one of: {', '.join(model_choices()) or 'none found; put checkpoint folders in models/nextstep/'})"
+            choices = ", ".join(model_choices()) or "none found; put checkpoint folders in models/nextstep/"
+            hint = "" if model_name in model_choices() else f" (choose one of: {choices})"
             return f"{exc}{hint}"
         return True
 

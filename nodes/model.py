@@ -93,7 +93,8 @@ class LoadedNextStep:
 
 
 def wrap_pipeline(pipe: NextStepPipeline, name: str) -> LoadedNextStep:
-    """Put the pipeline's networks under ComfyUI's model management (they stay where they are until a node needs them)."""
+    """Put the pipeline's networks under ComfyUI's model management (they stay where they are until a
+    node needs them)."""
     patcher = comfy.model_patcher.ModelPatcher(pipe.model, load_device=mm.get_torch_device(),
                                                offload_device=mm.unet_offload_device())
     # The tokenizer runs on the transformer's device even with --cpu-vae: the engine encodes an

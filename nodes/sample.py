@@ -28,7 +28,8 @@ USE_NORM = {"auto": None, "on": True, "off": False}
 def size_inputs(default: int, minimum: int, zero_hint: str = "") -> list:
     return [
         io.Int.Input(side, default=default, min=minimum, max=MAX_SIZE, step=PIXELS_PER_TOKEN,
-                     tooltip=f"Image {side} in pixels, a multiple of 16 (each image token covers 16x16 pixels).{zero_hint}")
+                     tooltip=f"Image {side} in pixels, a multiple of 16 "
+                             f"(each image token covers 16x16 pixels).{zero_hint}")
         for side in ("width", "height")
     ]
 

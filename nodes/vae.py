@@ -68,7 +68,8 @@ class NextStepVAEDecode(io.ComfyNode):
             description="Decodes a NextStep LATENT into images with NextStep's image tokenizer.",
             inputs=[
                 NextStepVAEType.Input("vae", tooltip="The image tokenizer from Load NextStep Model."),
-                io.Latent.Input("samples", tooltip="The latent to decode (from a NextStep node or NextStep VAE Encode)."),
+                io.Latent.Input("samples",
+                                tooltip="The latent to decode (from a NextStep node or NextStep VAE Encode)."),
             ],
             outputs=[io.Image.Output(tooltip="The decoded images.")],
         )

@@ -95,7 +95,8 @@ def test_kv_cached_loop_matches_a_full_forward(pipe_name, request, monkeypatch):
     mask = torch.cat([rows.attention_mask, torch.ones(4, 3, dtype=torch.long)], dim=1)
     positions = torch.arange(sequence.shape[1]).expand(4, -1)
     with torch.no_grad():
-        full = pipe.model.backbone(inputs_embeds=sequence, attention_mask=mask, position_ids=positions).last_hidden_state
+        full = pipe.model.backbone(inputs_embeds=sequence, attention_mask=mask,
+                                   position_ids=positions).last_hidden_state
     length = rows.input_ids.shape[1]
     for k, hidden in enumerate(seen):
         torch.testing.assert_close(hidden, full[:, length - 1 + k], atol=1e-5, rtol=1e-5)
@@ -123,7 +124,8 @@ def test_editing_guidance_variants_run(pipe_1_1, cfg, cfg_img):
 
 def test_progress_callback_once_per_token_and_stop(pipe_1_1):
     calls = []
-    pipe_1_1.generate("a circle", width=48, height=32, callback=lambda d, t, tok: calls.append((d, t, tok.shape)), **FAST)
+    pipe_1_1.generate("a circle", width=48, height=32,
+                      callback=lambda d, t, tok: calls.append((d, t, tok.shape)), **FAST)
     assert calls == [(k, 6, (1, k, 64)) for k in range(1, 7)]
     with pytest.raises(GenerationInterrupted, match="stopped after 2 of 6 tokens"):
         pipe_1_1.generate("a circle", width=48, height=32, callback=lambda d, t, tok: d < 2, **FAST)
@@ -157,10 +159,12 @@ def test_bad_settings(pipe_1_1, kwargs, message):
 
 
 def test_too_many_tokens(pipe_1_0, pipe_1_1):
-    with pytest.raises(NextStepError, match="image size 528x528 needs 1089 image tokens; this model's position table covers 1024"):
+    with pytest.raises(NextStepError,
+                       match="image size 528x528 needs 1089 image tokens; this model's position table covers 1024"):
         pipe_1_0.generate("a circle", width=528, height=528)
     # the tiny 1.1 model allows 2048 positions
-    with pytest.raises(NextStepError, match="image size 1024x768 needs 3072 image tokens plus .* the model's positions allow 2048"):
+    with pytest.raises(NextStepError,
+                       match="image size 1024x768 needs 3072 image tokens plus .* the model's positions allow 2048"):
         pipe_1_1.generate("a circle", width=1024, height=768)
 
 

@@ -7,13 +7,15 @@ import torch
 
 from nextstep_core.engine.vae import (
     ImageTokenizer,
-    VaeConfig,
     build_autoencoder,
-    diffusers_keys_to_flux,
-    flux_keys_to_diffusers,
     load_image_tokenizer,
     normalize_latent_positions,
     random_flux_state_dict,
+)
+from nextstep_core.engine.vae_files import (
+    VaeConfig,
+    diffusers_keys_to_flux,
+    flux_keys_to_diffusers,
     save_image_tokenizer,
 )
 from nextstep_core.errors import NextStepError
@@ -38,7 +40,8 @@ def test_flux_names_convert_to_exactly_the_diffusers_names():
     for name, tensor in converted.items():
         assert tensor.shape == reference[name].shape, name
     # decoder up.i is diffusers up_blocks.(n-1-i)
-    torch.testing.assert_close(converted["decoder.up_blocks.0.upsamplers.0.conv.weight"], flux["decoder.up.3.upsample.conv.weight"])
+    torch.testing.assert_close(converted["decoder.up_blocks.0.upsamplers.0.conv.weight"],
+                               flux["decoder.up.3.upsample.conv.weight"])
     back = diffusers_keys_to_flux(converted, levels=4)
     assert set(back) == set(flux)
     assert all(torch.equal(back[k], flux[k]) for k in flux)

@@ -123,7 +123,9 @@ def test_config_not_matching_weights(model_copy):
     config = json.loads((model_copy / "config.json").read_text())
     config["intermediate_size"] = 96
     (model_copy / "config.json").write_text(json.dumps(config))
-    with pytest.raises(NextStepError, match=r"tensor layers\.0\.mlp\.\w+_proj\.weight in model-0000\d-of-00002\.safetensors has shape \((128, 64|64, 128)\), the config needs \((96, 64|64, 96)\)"):
+    expected = (r"tensor layers\.0\.mlp\.\w+_proj\.weight in model-0000\d-of-00002\.safetensors "
+                r"has shape \((128, 64|64, 128)\), the config needs \((96, 64|64, 96)\)")
+    with pytest.raises(NextStepError, match=expected):
         NextStepPipeline.from_folder(model_copy)
 
 
@@ -171,7 +173,8 @@ def test_config_sampling_defaults_override_the_version_defaults(model_copy):
     config["sampling_defaults"] = {"cfg": 3.0, "steps": 12}
     (model_copy / "config.json").write_text(json.dumps(config))
     files = inspect_model_folder(model_copy)
-    assert (files.version.name, files.version.cfg, files.version.steps, files.version.sampler) == ("1.1", 3.0, 12, "sde")
+    version = files.version
+    assert (version.name, version.cfg, version.steps, version.sampler) == ("1.1", 3.0, 12, "sde")
     config["sampling_defaults"] = {"cfgg": 3.0}
     (model_copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(NextStepError, match="sampling_defaults has unknown keys cfgg"):

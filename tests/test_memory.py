@@ -117,7 +117,8 @@ def test_block_swap_gives_identical_outputs_with_two_layers_in_flight_at_most(ti
         storage = {t.data_ptr() for ts in swap.storage.values() for t in ts}
         seen_during_forward = []
         layer = pipe.model.backbone.layers[-1].layer
-        layer.register_forward_pre_hook(lambda m, a: seen_during_forward.append(m.self_attn.q_proj.weight.data_ptr()))
+        layer.register_forward_pre_hook(
+            lambda m, a, seen=seen_during_forward: seen.append(m.self_attn.q_proj.weight.data_ptr()))
         result = pipe.generate("a red circle", width=32, height=32, steps=3, seed=5, num_images=2)
         assert torch.equal(result.images, expected.images)
         assert torch.equal(result.tokens, expected.tokens)

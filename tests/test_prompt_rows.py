@@ -45,7 +45,8 @@ def test_text_to_image_rows_with_guidance_padding_and_positive(tok):
     rows = build_prompt_rows(tok, captions, token_grid=(3, 5), positive="green", negative=None,
                              images_per_prompt=2, cfg=7.5)
     prefix = [sp.image_area] + ids(tok, "3*5") + [sp.boi]
-    texts = [ids(tok, "a red circle green")] * 2 + [ids(tok, "a small blue square at the top right green")] * 2 + [[]] * 4
+    texts = ([ids(tok, "a red circle green")] * 2 + [ids(tok, "a small blue square at the top right green")] * 2
+             + [[]] * 4)
     expected_ids, expected_mask = left_pad(texts, sp.pad)
     expected_ids = [r + prefix for r in expected_ids]
     expected_mask = [m + [1] * len(prefix) for m in expected_mask]
@@ -72,7 +73,8 @@ def test_bos_tokenizer_drops_the_prefix_first_id_and_1_1_prepends_bos(tok_bos):
     bos = tok_bos.convert_tokens_to_ids(tok_bos.bos_token)
     # the prefix "<|image_area|>2*3" tokenised with special tokens is [bos, image_area, ...]: bos dropped
     rows = build_prompt_rows(tok_bos, ["a red circle"], token_grid=(2, 3), cfg=1.0)
-    assert rows.input_ids[0].tolist() == [bos] + ids(tok_bos, "a red circle") + [sp.image_area] + ids(tok_bos, "2*3") + [sp.boi]
+    assert rows.input_ids[0].tolist() == ([bos] + ids(tok_bos, "a red circle") + [sp.image_area]
+                                          + ids(tok_bos, "2*3") + [sp.boi])
     # 1.1: the BOS string is prepended and the tokenizer adds its own: two BOS ids
     rows11 = build_prompt_rows(tok_bos, ["a red circle"], token_grid=(2, 3), cfg=1.0, prepend_bos=True)
     assert rows11.input_ids[0].tolist()[:2] == [bos, bos]
@@ -113,7 +115,8 @@ def test_edit_rows_three_branches(tok):
     (1.0, 1.0, ["cond"], [True]),
 ])
 def test_edit_two_and_one_branch_variants(tok, cfg, cfg_img, branches, image_rows):
-    rows = build_prompt_rows(tok, ["<image> add a square"], token_grid=(2, 2), edit_grid=(2, 2), cfg=cfg, cfg_img=cfg_img)
+    rows = build_prompt_rows(tok, ["<image> add a square"], token_grid=(2, 2), edit_grid=(2, 2), cfg=cfg,
+                             cfg_img=cfg_img)
     assert rows.branches == branches
     assert rows.image_rows.tolist() == image_rows
 
@@ -144,7 +147,8 @@ def test_load_tokenizer_errors(tmp_path):
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config["added_tokens_decoder"] = {k: v for k, v in config["added_tokens_decoder"].items()
                                       if v["content"] != "<|image_placeholder|>"}
-    config["additional_special_tokens"] = [t for t in config["additional_special_tokens"] if t != "<|image_placeholder|>"]
+    config["additional_special_tokens"] = [t for t in config["additional_special_tokens"]
+                                           if t != "<|image_placeholder|>"]
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     (folder / "special_tokens_map.json").unlink()
     with pytest.raises(NextStepError, match=r"lacks NextStep's special tokens <\|image_placeholder\|>"):

@@ -7,17 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from nextstep_core.demo.data import make_batch, pil_batch_to_pixels
 from nextstep_core.demo.objective import training_losses
 from nextstep_core.demo.scenes import edit_dataset, scene_dataset
 from nextstep_core.demo.tiny_tokenizer import write_tiny_tokenizer
-from nextstep_core.demo.train import (
-    demo_spec,
-    make_batch,
-    new_demo_model,
-    pil_batch_to_pixels,
-    reconstruction_loss,
-    vae_config,
-)
+from nextstep_core.demo.train import demo_spec, new_demo_model, reconstruction_loss, vae_config
 from nextstep_core.engine.model import patchify
 from nextstep_core.engine.prompt import SpecialIds, load_tokenizer
 from nextstep_core.engine.vae import ImageTokenizer
@@ -131,7 +125,7 @@ def test_a_run_keeps_its_sizes_when_the_demo_sizes_change(tmp_path, monkeypatch)
 
 
 def test_warm_up_does_not_depend_on_the_total_and_the_schedule_ends_at_zero():
-    from nextstep_core.demo.train import set_learning_rate
+    from nextstep_core.demo.stage import set_learning_rate
 
     def rate(step, steps):
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -144,7 +138,7 @@ def test_warm_up_does_not_depend_on_the_total_and_the_schedule_ends_at_zero():
 
 
 def test_a_time_budget_fixes_the_step_count_after_the_probe():
-    from nextstep_core.demo.train import StepBudget
+    from nextstep_core.demo.stage import StepBudget
 
     messages = []
     budget = StepBudget(0, minutes=0.5, start=0, log=messages.append, probe=3)
@@ -236,7 +230,7 @@ def test_self_feed_trains_on_the_models_own_samples(tmp_path):
 
 @pytest.mark.parametrize("kind", ["t2i", "edit"])
 def test_bf16_steps_lower_both_losses(tmp_path, kind):
-    from nextstep_core.demo.train import compute_precision
+    from nextstep_core.demo.stage import compute_precision
 
     tokenizer, batch = tiny_batch(tmp_path, kind)
     model, _ = new_demo_model(tokenizer, small_spec(), seed=0)
@@ -260,7 +254,8 @@ def test_bf16_steps_lower_both_losses(tmp_path, kind):
 
 
 def test_encoded_examples_are_cached_per_tokenizer(tmp_path):
-    from nextstep_core.demo.train import cached_examples, save_state
+    from nextstep_core.demo.data import cached_examples
+    from nextstep_core.demo.stage import save_state
 
     torch.manual_seed(0)
     vae = ImageTokenizer(vae_config(small_spec())).eval()
@@ -304,7 +299,7 @@ def test_a_run_can_start_from_an_exported_model_folder(tmp_path):
 
 
 def test_edit_share_sets_the_share_of_edit_batches():
-    from nextstep_core.demo.train import group_weights
+    from nextstep_core.demo.data import group_weights
 
     keys = [("t2i", (4, 4)), ("edit", (4, 4)), ("t2i", (4, 8)), ("edit", (4, 8))]
     sizes = [300, 100, 100, 50]

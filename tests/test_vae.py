@@ -1,4 +1,4 @@
-"""nextstep_core.engine.vae: config, Flux <-> diffusers names, the Flux forward, latent maths, files and refusals."""
+"""engine.vae and engine.vae_files: config, Flux <-> diffusers names, the Flux forward, latent maths, files."""
 
 import json
 import math
@@ -12,14 +12,16 @@ from PIL import Image
 
 from nextstep_core.engine.vae import (
     ImageTokenizer,
-    VaeConfig,
-    diffusers_keys_to_flux,
-    flux_keys_to_diffusers,
     image_to_pixels,
     load_image_tokenizer,
     normalize_latent_positions,
     pil_to_pixels,
     random_flux_state_dict,
+)
+from nextstep_core.engine.vae_files import (
+    VaeConfig,
+    diffusers_keys_to_flux,
+    flux_keys_to_diffusers,
     save_image_tokenizer,
 )
 from nextstep_core.errors import NextStepError
@@ -65,9 +67,11 @@ def diffusers_kwargs(config: VaeConfig) -> dict:
 
 def test_config_defaults_for_silent_fields():
     c11 = VaeConfig.from_dict({}, nextstep_1_1_defaults=True)
-    assert (c11.scaling_factor, c11.shift_factor, c11.deterministic, c11.encoder_norm, c11.psz) == (1.0, 0.0, True, True, 1)
+    assert (c11.scaling_factor, c11.shift_factor, c11.deterministic, c11.encoder_norm, c11.psz) == \
+        (1.0, 0.0, True, True, 1)
     c10 = VaeConfig.from_dict({}, nextstep_1_1_defaults=False)
-    assert (c10.scaling_factor, c10.shift_factor, c10.deterministic, c10.encoder_norm, c10.psz) == (1.0, 0.0, False, False, None)
+    assert (c10.scaling_factor, c10.shift_factor, c10.deterministic, c10.encoder_norm, c10.psz) == \
+        (1.0, 0.0, False, False, None)
     assert (c10.ch, c10.ch_mult, c10.num_res_blocks, c10.z_channels, c10.downsample) == (128, [1, 2, 4, 4], 2, 16, 8)
     stated = VaeConfig.from_dict({"deterministic": False, "encoder_norm": True, "psz": 2, "scaling_factor": 2,
                                   "_class_name": "ignored", "psz_note": None}, nextstep_1_1_defaults=True)
@@ -119,20 +123,23 @@ def test_flux_names_convert_to_exactly_the_diffusers_names_and_back():
     assert sorted(converted) == sorted(reference)
     assert all(converted[k].shape == reference[k].shape for k in reference)
     # decoder levels are numbered in reverse; mid blocks from 0; attention convs become linear.
-    assert torch.equal(converted["decoder.up_blocks.0.upsamplers.0.conv.weight"], flux["decoder.up.3.upsample.conv.weight"])
+    assert torch.equal(converted["decoder.up_blocks.0.upsamplers.0.conv.weight"],
+                       flux["decoder.up.3.upsample.conv.weight"])
     assert torch.equal(converted["decoder.up_blocks.3.resnets.0.conv_shortcut.weight"],
                        flux["decoder.up.0.block.0.nin_shortcut.weight"])
     assert torch.equal(converted["encoder.mid_block.resnets.1.norm1.weight"], flux["encoder.mid.block_2.norm1.weight"])
     assert torch.equal(converted["decoder.mid_block.attentions.0.to_out.0.weight"],
                        flux["decoder.mid.attn_1.proj_out.weight"][:, :, 0, 0])
-    assert torch.equal(converted["encoder.mid_block.attentions.0.group_norm.bias"], flux["encoder.mid.attn_1.norm.bias"])
+    assert torch.equal(converted["encoder.mid_block.attentions.0.group_norm.bias"],
+                       flux["encoder.mid.attn_1.norm.bias"])
     assert torch.equal(converted["encoder.conv_norm_out.weight"], flux["encoder.norm_out.weight"])
 
     back = diffusers_keys_to_flux(converted)
     assert sorted(back) == sorted(flux)
     assert all(torch.equal(back[k], flux[k]) and back[k].shape == flux[k].shape for k in flux)
     # diffusers names (and unknown names) pass through the Flux -> diffusers conversion untouched.
-    assert sorted(flux_keys_to_diffusers({**converted, "extra.thing": torch.zeros(1)})) == sorted([*reference, "extra.thing"])
+    passed = flux_keys_to_diffusers({**converted, "extra.thing": torch.zeros(1)})
+    assert sorted(passed) == sorted([*reference, "extra.thing"])
 
 
 def test_random_flux_state_dict_is_seeded_and_leaves_the_global_rng_alone():
@@ -198,7 +205,8 @@ def flux_decoder(z, p, config):
         for j in range(config.num_res_blocks + 1):
             x = flux_resnet(x, p, f"decoder.up.{i}.block.{j}", g)
         if i != 0:
-            x = flux_conv(F.interpolate(x, scale_factor=2.0, mode="nearest"), p, f"decoder.up.{i}.upsample.conv", padding=1)
+            x = flux_conv(F.interpolate(x, scale_factor=2.0, mode="nearest"), p, f"decoder.up.{i}.upsample.conv",
+                          padding=1)
     return flux_conv(F.silu(flux_group_norm(x, p, "decoder.norm_out", g)), p, "decoder.conv_out", padding=1)
 
 
@@ -261,7 +269,8 @@ def test_encode_and_decode_apply_scale_shift_and_noise_as_specified():
         torch.testing.assert_close(sampled, (mean + torch.exp(logvar / 2) * noise - 0.25) * 1.5)
         torch.testing.assert_close(tokenizer.encode(pixels), (mean - 0.25) * 1.5)  # no noise: the mean
         tokenizer.config.deterministic = True
-        torch.testing.assert_close(tokenizer.encode(pixels, noise=noise), (mean - 0.25) * 1.5)  # noise accepted, ignored
+        # noise accepted, ignored
+        torch.testing.assert_close(tokenizer.encode(pixels, noise=noise), (mean - 0.25) * 1.5)
         z = torch.randn(1, 16, 4, 2, generator=torch.Generator().manual_seed(3))
         torch.testing.assert_close(tokenizer.decode((z - 0.25) * 1.5), tokenizer.autoencoder.decoder(z))
         assert tokenizer.decode(sampled).shape == (1, 3, 32, 16)
@@ -435,7 +444,8 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
     eight = tiny_config(z_channels=8)
     folder = save_image_tokenizer(tmp_path / "z8", eight, random_flux_state_dict(eight, 0))
     (folder / "config.json").write_text(json.dumps(config.to_dict()))
-    with pytest.raises(NextStepError, match=r"the weights make 8-channel latents but config.json field z_channels is 16"):
+    with pytest.raises(NextStepError,
+                       match=r"the weights make 8-channel latents but config.json field z_channels is 16"):
         load_image_tokenizer(folder, nextstep_1_1_defaults=True)
 
     flux = random_flux_state_dict(config, 0)

@@ -117,8 +117,8 @@ def teacher_forced_score(pipe: NextStepPipeline, scenes=None, *, edits=None, see
     sampler = prepare_sampler(settings)
     sampled = torch.empty_like(tokens)
     for k in range(tokens.shape[1]):
-        sampled[:, k] = sample_token(model.image_head.net, conditions[:, k], branches=branches, cfg=cfg, cfg_img=cfg_img,
-                                     sampler=sampler, state_dtype=state_dtype,
+        sampled[:, k] = sample_token(model.image_head.net, conditions[:, k], branches=branches, cfg=cfg,
+                                     cfg_img=cfg_img, sampler=sampler, state_dtype=state_dtype,
                                      noise=lambda: torch.randn(len(targets), tokens.shape[2], generator=generator,
                                                                dtype=state_dtype).to(pipe.device))
     images = pipe.image_tokenizer.latent_to_image(unpatchify(sampled, grid, model.config.latent_patch_size))
@@ -160,7 +160,8 @@ def evaluate(pipe: NextStepPipeline, *, captions: int = 100, edits: int = 50, se
         "edit_kinds": {kind: float(np.mean([s for s, k in zip(edit_scores, kinds) if k == kind]))
                        for kind in EDIT_KINDS if kind in kinds},
         "edit_copy_score": float(np.mean(copy_scores)) if copy_scores else None,
-        **{f"tokenizer_{k}": v for k, v in tokenizer_reconstruction(pipe.image_tokenizer, scenes[:50], pipe.dtype).items()},
+        **{f"tokenizer_{k}": v
+           for k, v in tokenizer_reconstruction(pipe.image_tokenizer, scenes[:50], pipe.dtype).items()},
         "captions": captions, "edits": edits, "seconds": round(time.perf_counter() - started, 1),
         "settings": {k: v for k, v in sampling.items()},
         "_samples": samples, "_texts": texts,
@@ -193,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", help="write a PNG grid of the first 32 caption samples here")
     args = parser.parse_args(argv)
     pipe = NextStepPipeline.from_folder(args.model, device=args.device)
-    sampling = {k: v for k, v in dict(sampler=args.sampler, steps=args.steps, cfg=args.cfg, cfg_img=args.cfg_img).items()
-                if v is not None}
+    chosen = dict(sampler=args.sampler, steps=args.steps, cfg=args.cfg, cfg_img=args.cfg_img)
+    sampling = {k: v for k, v in chosen.items() if v is not None}
     report = evaluate(pipe, captions=args.captions, edits=args.edits, **sampling)
     samples, texts = report.pop("_samples"), report.pop("_texts")
     if args.teacher_forced:

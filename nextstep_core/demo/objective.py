@@ -48,7 +48,8 @@ class Losses:
     image: torch.Tensor
 
 
-def sequence_embeddings(model: NextStepModel, batch: TrainingBatch, fed_back_noise: torch.Tensor | None = None) -> torch.Tensor:
+def sequence_embeddings(model: NextStepModel, batch: TrainingBatch,
+                        fed_back_noise: torch.Tensor | None = None) -> torch.Tensor:
     """(B, L + N - 1, hidden): prompt embeddings (placeholders filled) then the fed-back image tokens
     (plus `fed_back_noise` (B, N - 1, token_dim) when given; the targets stay clean)."""
     embeds = model.backbone.embed_tokens(batch.input_ids)
@@ -63,7 +64,8 @@ def sequence_embeddings(model: NextStepModel, batch: TrainingBatch, fed_back_noi
     return torch.cat([embeds, fed_back.to(embeds.dtype)], dim=1)
 
 
-def image_conditions(model: NextStepModel, batch: TrainingBatch, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def image_conditions(model: NextStepModel, batch: TrainingBatch,
+                     embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The transformer over a teacher-forcing sequence (embeds from sequence_embeddings):
     (hidden (B, L + N - 1, hidden), head conditions (B * N, hidden) of every image token)."""
     rows, length = batch.input_ids.shape

@@ -18,7 +18,8 @@ import torch
 
 from ..engine.checkpoint import NextStepConfig, save_sharded
 from ..engine.model import NextStepModel
-from ..engine.vae import VaeConfig, random_flux_state_dict, save_image_tokenizer
+from ..engine.vae import random_flux_state_dict
+from ..engine.vae_files import VaeConfig, save_image_tokenizer
 from .tiny_tokenizer import write_tiny_tokenizer
 
 VAE_FOLDER_1_0 = "NextStep-1-f8ch16-Tokenizer"

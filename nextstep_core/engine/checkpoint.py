@@ -117,7 +117,8 @@ class NextStepConfig:
         required = ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"]
         missing = [k for k in required if k not in raw]
         if missing:
-            raise NextStepError(f"{source} lacks the decoder fields {', '.join(missing)}; is this a NextStep model folder?")
+            raise NextStepError(f"{source} lacks the decoder fields {', '.join(missing)}; "
+                                "is this a NextStep model folder?")
         known = {f for f in cls.__dataclass_fields__ if f != "raw"}
         values = {k: raw[k] for k in known if k in raw and raw[k] is not None}
         values.setdefault("num_key_value_heads", raw["num_attention_heads"])

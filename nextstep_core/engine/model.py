@@ -221,7 +221,9 @@ def rebuild_rotary(model: NextStepModel, device) -> None:
 def describe_mismatch(folder: Path, missing: list[str], unexpected: list[str]) -> str:
     parts = []
     if missing:
-        parts.append(f"{len(missing)} tensor(s) the config needs are missing from the weights ({', '.join(missing[:4])})")
+        parts.append(f"{len(missing)} tensor(s) the config needs are missing from the weights "
+                     f"({', '.join(missing[:4])})")
     if unexpected:
-        parts.append(f"{len(unexpected)} tensor(s) in the weights match nothing in the model ({', '.join(unexpected[:4])})")
+        parts.append(f"{len(unexpected)} tensor(s) in the weights match nothing in the model "
+                     f"({', '.join(unexpected[:4])})")
     return f"model folder {folder}: " + "; ".join(parts) + ". Do config.json and the safetensors files belong together?"

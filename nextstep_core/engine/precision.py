@@ -89,8 +89,10 @@ class Fp8Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = compute_dtype
         self.fp8_matmul = fp8_matmul
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8, device=device), requires_grad=False)
-        self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=torch.float32, device=device), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8, device=device),
+                                   requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=torch.float32, device=device),
+                                         requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device=device),
                                  requires_grad=False) if bias else None
 
@@ -112,7 +114,8 @@ class Fp8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8_e4m3fn"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, fp8_e4m3fn")
 
 
 def upcast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -52,7 +52,8 @@ class SafetensorsFile:
         self.entries = {}
         for name, info in header.items():
             if info["dtype"] not in SAFETENSORS_DTYPES:
-                raise NextStepError(f"tensor {name} in {self.path.name} has dtype {info['dtype']}, which the loader cannot read")
+                raise NextStepError(f"tensor {name} in {self.path.name} has dtype {info['dtype']}, "
+                                    "which the loader cannot read")
             begin, end = info["data_offsets"]
             self.entries[name] = (SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), start + begin, end - begin)
 

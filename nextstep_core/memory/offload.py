@@ -67,7 +67,8 @@ class BlockSwap:
     copy at once), `transfers` (layers copied to the compute device).
     """
 
-    def __init__(self, layers: dict[int, nn.Module], storage_device: str | torch.device = "cpu", pin: bool | None = None):
+    def __init__(self, layers: dict[int, nn.Module], storage_device: str | torch.device = "cpu",
+                 pin: bool | None = None):
         self.order = sorted(layers)
         self.layers = layers
         pin = torch.cuda.is_available() if pin is None else pin

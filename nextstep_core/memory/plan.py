@@ -99,8 +99,8 @@ class MemoryPlan:
         lines = [f"NextStep memory plan: {self.precision}{swap}"]
         rows = [("weights (resident)", self.weights), ("swap buffers (2 layers)", self.swap_buffers),
                 ("KV cache", self.kv_cache), ("activations (prefill)", self.activations),
-                ("flow head working set", self.head), ("fp8 upcast (1 matrix)", self.upcast), ("VAE weights", self.vae_weights),
-                ("VAE decode", self.vae_decode), ("estimated peak", self.total)]
+                ("flow head working set", self.head), ("fp8 upcast (1 matrix)", self.upcast),
+                ("VAE weights", self.vae_weights), ("VAE decode", self.vae_decode), ("estimated peak", self.total)]
         lines += [f"  {name:<26}{size_text(size)}" for name, size in rows]
         if self.free is not None:
             verdict = "fits" if self.fits(self.free) else "does NOT fit"
@@ -158,7 +158,8 @@ def vae_weight_bytes(files: ModelFiles, dtype: torch.dtype) -> int:
     """Parameters of the image tokenizer, counted on a meta-device build from its config."""
     if files.vae_folder is None:
         return 0
-    from ..engine.vae import build_autoencoder, read_config
+    from ..engine.vae import build_autoencoder
+    from ..engine.vae_files import read_config
 
     config = read_config(files.vae_folder, files.version.name == "1.1")
     with torch.device("meta"):
@@ -171,7 +172,7 @@ def vae_decode_bytes(files: ModelFiles, request: Request, dtype: torch.dtype) ->
     plus the upsampling's input at the top level, for every image."""
     if files.vae_folder is None:
         return 0
-    from ..engine.vae import read_config
+    from ..engine.vae_files import read_config
 
     config = read_config(files.vae_folder, files.version.name == "1.1")
     pixels = request.width * request.height

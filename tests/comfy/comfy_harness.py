@@ -120,7 +120,8 @@ class ComfyServer:
     def request(self, path: str, data=None, timeout: float = 30) -> tuple[int, bytes]:
         body = None if data is None else json.dumps(data).encode()
         headers = {} if data is None else {"Content-Type": "application/json"}
-        req = urllib.request.Request(self.url + path, data=body, headers=headers, method="GET" if data is None else "POST")
+        req = urllib.request.Request(self.url + path, data=body, headers=headers,
+                                     method="GET" if data is None else "POST")
         try:
             with urllib.request.urlopen(req, timeout=timeout) as response:
                 return response.status, response.read()

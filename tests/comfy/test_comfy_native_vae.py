@@ -18,7 +18,8 @@ NATIVE_FILE = "nextstep_f8ch16_random.safetensors"
 
 @pytest.fixture(scope="module")
 def full_size_tokenizer(comfy):
-    from nextstep_core.engine.vae import VaeConfig, random_flux_state_dict, save_image_tokenizer
+    from nextstep_core.engine.vae import random_flux_state_dict
+    from nextstep_core.engine.vae_files import VaeConfig, save_image_tokenizer
 
     config = VaeConfig(scaling_factor=0.6, shift_factor=0.2, deterministic=True, encoder_norm=True, psz=1)
     folder = save_image_tokenizer(comfy.base / "models" / "nextstep" / TOKENIZER, config,
