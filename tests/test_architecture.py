@@ -25,14 +25,15 @@ MAX_LINES = 400
 # Layers of the engine package: the module's first name below nextstep_core ("engine" for
 # nextstep_core.engine.vae, "pipeline" for nextstep_core.pipeline); "root" is nextstep_core/__init__.py,
 # "nodes" the ComfyUI glue. A layer may always import its own modules.
-ENGINE_LAYERS = {"root", "errors", "engine", "sampling", "memory", "pipeline", "cli", "__main__", "demo"}
+ENGINE_LAYERS = {"root", "errors", "checks", "engine", "sampling", "memory", "pipeline", "cli", "__main__", "demo"}
 ALLOWED = {
     "errors": set(),
-    "engine": {"errors"},
-    "sampling": {"engine", "errors"},
-    "memory": {"engine", "errors"},
-    "pipeline": {"engine", "sampling", "memory", "errors"},
-    "cli": {"pipeline", "sampling", "errors", "root"},
+    "checks": {"errors"},  # the checks of user input (checks.py), as basic as errors
+    "engine": {"errors", "checks"},
+    "sampling": {"engine", "errors", "checks"},
+    "memory": {"engine", "errors", "checks"},
+    "pipeline": {"engine", "sampling", "memory", "errors", "checks"},
+    "cli": {"pipeline", "sampling", "errors", "checks", "root"},
     "__main__": {"cli"},
     "root": ENGINE_LAYERS - {"demo", "cli", "__main__"},  # the public API: names re-exported from the layers
     "demo": ENGINE_LAYERS - {"cli", "__main__"},
@@ -167,7 +168,7 @@ def cycle_within(group: set[str], edges: dict[str, list[Import]]) -> list[Import
 def test_the_walk_sees_the_modules_and_their_imports():
     assert {"nextstep_core", "nextstep_core.pipeline", "nextstep_core.engine.vae", "nodes.sample"} <= set(MODULES)
     targets = {edge.target for edge in IMPORTS["nodes.sample"][0]}
-    assert {"nextstep_core.pipeline", "nextstep_core.errors", "nodes.latent"} <= targets
+    assert {"nextstep_core.checks", "nextstep_core.errors", "nodes.latent"} <= targets
 
 
 def test_no_import_cycles():
