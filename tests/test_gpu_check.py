@@ -59,11 +59,13 @@ def test_shapes_14b(report):
         assert entry["peak_vram_gb"] is None  # no CUDA in the dry run
         assert isinstance(entry["graph"], bool)
     assert s["bf16_sde28"]["graph"] is True and s["bf16_sde28"]["graph_mode"] == "recorded"
-    assert s["fp8_swap_dpm2m8"]["graph"] is False and s["fp8_swap_dpm2m8"]["block_swap"] >= 1
+    swap = s["fp8_swap_dpm2m8"]
+    assert swap["graph"] is False and swap["block_swap"] >= 1 and swap["planned_block_swap"] == s["plan"]["block_swap"]
+    assert swap["tokens_equal_to_no_swap_32px"] is True
 
 
 def test_seconds(report):
     seconds = report["seconds"]
     assert is_number(seconds["total"]) and seconds["total"] > 0
-    for part in ("fp8_vs_bf16_caption_score", "plan", *CONFIGS):
+    for part in ("part_bandwidth", "part_tiny", "part_captions", "part_shapes", "plan", *CONFIGS):
         assert is_number(seconds[part]), part
