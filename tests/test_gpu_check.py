@@ -1,0 +1,71 @@
+"""benchmarks/gpu_check.py --dry-run: the GPU check script runs end to end on the CPU at tiny
+shapes and writes every key the device run will write, with sensible values."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ("bf16_sde28", "bf16_dpm2m8", "fp8_dpm2m8", "fp8_swap_dpm2m8")
+CONFIG_NUMBERS = ("ms_per_token", "decode_ms_per_token", "head_ms_per_token", "image_512_seconds")
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_check") / "gpu_check.json"
+    run = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_device_and_bandwidth(report):
+    assert report["dry_run"] is True
+    assert isinstance(report["device"], str) and isinstance(report["torch"], str)
+    assert is_number(report["read_bandwidth_gb_s"]) and report["read_bandwidth_gb_s"] > 0
+
+
+def test_correctness(report):
+    c = report["correctness"]
+    assert c["gpu_vs_cpu_float32_max_abs"] == 0  # both sides are the CPU in the dry run
+    assert c["graph_equals_eager"] is True and c["graph_max_abs"] == 0
+    assert c["graph_mode"] == "recorded"
+    assert c["swap_equals_no_swap"] is True
+    scores = c["fp8_vs_bf16_caption_score"]
+    for name in ("bf16", "fp8_e4m3fn", "fp8_e4m3fn_scaled_mm"):
+        assert is_number(scores[name]) and 0 <= scores[name] <= 1, (name, scores[name])
+    assert scores["difference"] == pytest.approx(scores["fp8_e4m3fn"] - scores["bf16"])
+    assert scores["fp8_matmul_available"] is False
+
+
+def test_shapes_14b(report):
+    s = report["shapes_14b"]
+    assert s["tokens_per_image"] == 1024
+    assert isinstance(s["plan"]["block_swap"], int) and s["plan"]["block_swap"] > 0  # 12 GiB cannot hold 14B fp8
+    for name in CONFIGS:
+        entry = s[name]
+        assert "error" not in entry and "skipped" not in entry, (name, entry)
+        for key in CONFIG_NUMBERS:
+            assert is_number(entry[key]) and entry[key] > 0, (name, key, entry[key])
+        assert isinstance(entry["tokens_measured"], int) and entry["tokens_measured"] > 0
+        assert entry["peak_vram_gb"] is None  # no CUDA in the dry run
+        assert isinstance(entry["graph"], bool)
+    assert s["bf16_sde28"]["graph"] is True and s["bf16_sde28"]["graph_mode"] == "recorded"
+    swap = s["fp8_swap_dpm2m8"]
+    assert swap["graph"] is False and swap["block_swap"] >= 1 and swap["planned_block_swap"] == s["plan"]["block_swap"]
+    assert swap["tokens_equal_to_no_swap_32px"] is True
+
+
+def test_seconds(report):
+    seconds = report["seconds"]
+    assert is_number(seconds["total"]) and seconds["total"] > 0
+    for part in ("part_bandwidth", "part_tiny", "part_captions", "part_shapes", "plan", *CONFIGS):
+        assert is_number(seconds[part]), part
