@@ -16,21 +16,28 @@ GIB = 1 << 30
 
 @pytest.fixture(scope="module")
 def pack():
-    """ComfyUI's modules in this process (CPU mode, no argument parsing) and the pack as a package."""
+    """ComfyUI's modules in this process (CPU mode, no argument parsing) and the pack as a package;
+    afterwards the process is as before (other tests check an interpreter without ComfyUI)."""
     import importlib.util
 
+    modules_before, path_before = set(sys.modules), list(sys.path)
     sys.path.insert(0, str(COMFY_DIR))
-    from comfy.cli_args import args
+    try:
+        from comfy.cli_args import args
 
-    args.cpu = True
-    spec = importlib.util.spec_from_file_location("ComfyUI_NextStep_inprocess", REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    loaders = sys.modules[f"{spec.name}.nodes.loaders"]
-    loaders.register_folder()
-    return sys.modules[f"{spec.name}.nodes.model"], loaders
+        args.cpu = True
+        spec = importlib.util.spec_from_file_location("ComfyUI_NextStep_inprocess", REPO / "__init__.py",
+                                                      submodule_search_locations=[str(REPO)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        loaders = sys.modules[f"{spec.name}.nodes.loaders"]
+        loaders.register_folder()
+        yield sys.modules[f"{spec.name}.nodes.model"], loaders
+    finally:
+        sys.path[:] = path_before
+        for name in set(sys.modules) - modules_before:
+            del sys.modules[name]
 
 
 @pytest.fixture
