@@ -1,82 +1,14 @@
 """Every GPU check of NextStep in one prepared script: correctness on the device, fp8 quality,
-and speed and memory at the real 14B shapes. Writes JSON after every part.
+and speed and memory at the real 14B shapes. Writes JSON after every part. From the repo root:
 
-Run on the device machine, from the repository root:
+    python benchmarks/gpu_check.py --out benchmarks/gpu_check.json      # the device machine
+    python benchmarks/gpu_check.py --dry-run --out /tmp/gpu_check.json  # the same code, CPU, tiny
 
-    python benchmarks/gpu_check.py --out benchmarks/gpu_check.json
-
-Needs a CUDA build of torch and about 35 GB of free GPU memory (the bf16 14B configurations:
-~30 GB of random bf16 weights + KV cache + graph pool); fp8 and the fp8 + block swap
-configurations need less. Designed to finish in at most 7 minutes on an H100/H200-class card,
-warm-up and CUDA-graph capture included (see "Time budget" below; nothing is torch.compiled); `--budget-seconds`
-skips the speed configurations that would start too late. The same code runs on a CPU at tiny
-shapes, writing the same keys, as a check of the script itself (tests/test_gpu_check.py):
-
-    python benchmarks/gpu_check.py --dry-run --out /tmp/gpu_check.json
-
-Options: `--parts bandwidth,tiny,captions,shapes` runs a subset; `--configs` a subset of the
-speed configurations; `--tokens`, `--split-tokens`, `--pass-seconds`, `--captions`,
-`--caption-batch` size the measurements.
-
-Keys of the JSON:
-- `device`, `torch` (version), `cuda` (its version), `capability`; `read_bandwidth_gb_s`:
-  best-of read bandwidth measured with a bf16 `sum` over a 4 GiB buffer (gpu_14b.read_bandwidth).
-- `correctness` (a tiny random checkpoint written with demo/tiny.write_tiny_model, 64x64 = 16
-  tokens, default sampler):
-  - `gpu_vs_cpu_float32_max_abs`: max |tokens(device, float32, graph "off") - tokens(CPU,
-    float32, graph "off")|, same seed (also `..._images_max_abs` for the decoded pixels);
-  - `graph_equals_eager`: on the device, graph "on" (CUDA graph; on a CPU the recorded replay)
-    against graph "off", both with exact=False (both then use the static KV cache): tokens bit-equal;
-    `graph_max_abs` the max abs difference, `graph_mode` which capture ran;
-  - `swap_equals_no_swap`: the tiny model loaded with block_swap=1 against block_swap=0 on the
-    device, graph "off" for both (block swap never graphs), same seed: torch.equal of tokens and
-    images; `swap_max_abs`;
-  - `fp8_vs_bf16_caption_score`: demo/evaluate.evaluate's caption score (prompt-following of the
-    shipped demo model, nextstep_core/demo_model) on the same held-out captions with precision
-    bf16, fp8_e4m3fn (fp8 storage, bf16 products) and fp8_e4m3fn with fp8_matmul=True
-    (torch._scaled_mm; it silently upcasts where `fp8_matmul_available` is false, which is
-    recorded); each score, and fp8 - bf16 differences. 100 captions in batches of 50 on the GPU.
-- `shapes_14b`: random weights at NextStep-1.1's real shapes (gpu_14b.build_pipeline: Qwen2.5-14B
-  decoder, 1536 x 12 flow head), cfg 7.5 (two guidance rows), one 512x512 image = 1,024 tokens,
-  the KV cache sized for the whole image. `plan`: the memory planner's choice
-  (memory/plan.choose_plan on benchmarks/memory.write_shapes_only, as `memory.py --plan-only`
-  does) for a 12 GiB budget at 512x512 and fp8. Entries `bf16_sde28` (default sampler `sde`,
-  28 steps), `bf16_dpm2m8` (`dpm2m`, 8 steps), `fp8_dpm2m8` (fp8 e4m3fn storage, upcast per
-  product) and `fp8_swap_dpm2m8` (the same with the planner's block swap count), each with:
-  - `ms_per_token`: the whole token loop without timers, generate(graph="auto"): CUDA graph on
-    CUDA unless block swap is on. Measured over `tokens_measured` tokens after the first
-    `warm_tokens` (prefill, token 0, the graph capture) and extrapolated to 1,024: with the
-    static cache every token attends over the same (masked) length, so a token's cost does not
-    depend on its position; `graph`: whether a captured graph replayed the steps
-    (`graph_mode`: "cuda", "recorded" in the dry run, or null);
-  - `decode_ms_per_token` / `head_ms_per_token`: a separate eager pass (graph "off", growing
-    DynamicCache) with gpu_14b.Timers synchronising around each one-position backbone call:
-    decode = the backbone calls; head = the rest of that loop (head evaluations, guidance,
-    sampler, noise, bookkeeping). Timers add syncs, so decode + head >= the eager loop's time;
-    they do not split the graphed loop (one graph launch per token cannot be split).
-    `split_tokens_measured`, `eager_ms_per_token` (that pass's total per token);
-  - `prefill_seconds` (timed pass), `vae_decode_seconds` (one 512x512 decode of random latents,
-    after a warm-up); `image_512_seconds` = ms_per_token x 1024 / 1000 + prefill + VAE decode;
-    `first_tokens_seconds`: the graphed pass's wall time up to its measured window;
-  - `peak_vram_gb`: torch.cuda.max_memory_allocated, reset at the start of each configuration
-    (null on a CPU);
-  - `fp8_swap_dpm2m8` also: `block_swap` (applied; the dry run's 2-layer model takes at most 1)
-    and `planned_block_swap`, and `tokens_equal_to_no_swap_32px` / `max_abs_to_no_swap_32px`:
-    4 tokens (32x32) generated eagerly on the 14B-shaped fp8 model just before and just after
-    the swap is switched on, same seed.
-- `seconds`: `total` (from the process start, before torch's import), `part_<part>` per part,
-  and one figure per check, per configuration, for `fp8_conversion` and `block_swap_setup`.
-A part or configuration that fails records `{"error": ...}` in its place and the rest goes on.
-
-Time budget on an H100/H200 (estimates from benchmarks/gpu_14b.json; default options): start and
-CUDA init ~15 s; bandwidth ~2 s; tiny correctness ~15 s; caption scores 3 x (100 captions, 16
-tokens each, plus the checker on the CPU) ~45 s; the planner's shapes-only folder ~4 s; building
-the 14B model ~5 s; per configuration the graphed pass (capture + up to 128 tokens, at most
-`--pass-seconds` 20 s) and the eager timed pass (up to 64 tokens, at most 20 s), plus VAE decode:
-bf16_sde28 ~25 s, bf16_dpm2m8 ~15 s, fp8 conversion ~5 s, fp8_dpm2m8 ~20 s, block swap setup
-(pinning ~6 GB) ~10 s and fp8_swap_dpm2m8 <= 45 s. About 3.5 minutes expected; the pass caps
-bound each configuration to ~50 s, and a configuration starts only if that much of
-`--budget-seconds` (default 360) is left, so the run ends well inside 7 minutes.
+Needs a CUDA build of torch and about 35 GB of free GPU memory (the bf16 14B configurations);
+designed to finish within 7 minutes on an H100/H200-class card, CUDA-graph capture included
+(`--budget-seconds` skips speed configurations that would start too late). The dry run writes
+the same keys and is a test (tests/test_gpu_check.py). `--help` lists the options; the keys of
+the JSON, what each measures, and the time budget: benchmarks/README.md, "GPU check".
 """
 
 from __future__ import annotations
@@ -84,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import gc
 import json
 import logging
 import sys
@@ -102,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_14b  # noqa: E402
+from gpu_check_tools import CaptureFailures, Window, error_text, free_memory, max_abs  # noqa: E402
 from memory import write_shapes_only  # noqa: E402
 
 from nextstep_core import DEMO_MODEL  # noqa: E402
@@ -126,71 +58,6 @@ TINY_SIZE = 64
 PLAN_BUDGET_GIB = 12
 WARM_TOKENS = 3  # token 0 (from the prefill), token 1 (the graph capture), token 2 (the first replay)
 GRAPH_LOGGER = "nextstep_core.sampling.graphs"
-
-
-def error_text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:800]
-
-
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.detach().float().cpu() - b.detach().float().cpu()).abs().max())
-
-
-class CaptureFailures(logging.Handler):
-    """Counts the graph module's "capture failed" warnings (the step then runs eagerly)."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "capture failed" in record.getMessage():
-            self.count += 1
-
-
-class Window:
-    """A progress callback that times the token loop between token `start` and `start + count`
-    (or until `cap_seconds` have passed, or the image ends), synchronising only at those two
-    points, and then stops the generation. With `timers`, their totals are reset at the start
-    (the prefill time read first), so they cover the window alone."""
-
-    def __init__(self, device: torch.device, start: int, count: int, cap_seconds: float, timers=None):
-        self.device, self.start, self.count, self.cap = device, start, count, cap_seconds
-        self.timers = timers
-        self.called = time.perf_counter()
-        self.t0 = self.t1 = None
-        self.measured = 0
-        self.prefill = None
-        self.split = None
-
-    def __call__(self, done: int, total: int, tokens: torch.Tensor):
-        if done == self.start:
-            gpu_14b.synchronize(self.device)
-            self.t0 = time.perf_counter()
-            if self.timers is not None:
-                self.prefill = self.timers.totals["prefill"]
-                self.timers.reset()
-            return None
-        if self.t0 is None or self.t1 is not None:
-            return None
-        if done - self.start >= self.count or done == total or time.perf_counter() - self.t0 >= self.cap:
-            gpu_14b.synchronize(self.device)
-            self.t1 = time.perf_counter()
-            self.measured = done - self.start
-            if self.timers is not None:
-                self.split = dict(self.timers.totals)
-            return False if done < total else None
-        return None
-
-    @property
-    def seconds(self) -> float:
-        return self.t1 - self.t0
 
 
 class Check:
