@@ -22,7 +22,7 @@ from transformers import DynamicCache, PreTrainedTokenizerBase, StaticCache
 from .checks import check_count, check_device, check_image_size, check_number
 from .engine.checkpoint import NextStepConfig, VersionSettings, inspect_model_folder
 from .engine.model import NextStepModel, load_model, patchify, unpatchify
-from .engine.precision import parse_precision
+from .engine.precision import for_device, parse_precision
 from .engine.prompt import IMAGE_MARKER, PLACEHOLDER, PromptRows, build_prompt_rows, load_tokenizer
 from .engine.vae import ImageTokenizer, load_image_tokenizer
 from .errors import NextStepError
@@ -112,6 +112,7 @@ class NextStepPipeline:
         """
         device = check_device(device)
         precision = parse_precision(parse_dtype(dtype) if precision is None else precision, fp8_compute=fp8_compute)
+        precision = for_device(precision, device)
         dtype = precision.dtype
         files = inspect_model_folder(model_folder, vae_folder=vae_folder, version=version)
         check_block_swap(block_swap, files.config.num_hidden_layers)

@@ -22,7 +22,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 from ..errors import NextStepError
 from .checkpoint import ModelFiles, NextStepConfig
 from .head import FlowHead
-from .precision import FP8, Fp8Linear, Precision, parse_precision, use_fp8_linears
+from .precision import FP8, Fp8Linear, Precision, UpcastLinear, parse_precision, use_stored_linears
 from .stream import SafetensorsFile
 
 DECODER_PREFIXES = ("embed_tokens.", "layers.", "norm.")
@@ -152,8 +152,7 @@ def load_model(files: ModelFiles, *, dtype: torch.dtype = torch.float32, device:
     """
     precision = parse_precision(dtype if precision is None else precision)
     model = build_empty_model(files)
-    if precision.fp8:
-        use_fp8_linears(model, precision)
+    use_stored_linears(model, precision)
     targets = dict(model.named_parameters())
     targets.update(dict(model.named_buffers()))
     expected = {n for n in targets if "rotary_emb" not in n}
@@ -201,7 +200,8 @@ def load_tensor(model: nn.Module, name: str, f: SafetensorsFile, checkpoint_name
         set_tensor(module, "weight", weight, target)
         set_tensor(module, "weight_scale", scale, module.weight_scale)
         return [name, f"{module_path}.weight_scale"]
-    keep_dtype = not target.dtype.is_floating_point or target.dtype == FP8 or attr == "weight_scale"
+    keep_dtype = (not target.dtype.is_floating_point or target.dtype == FP8 or attr == "weight_scale"
+                  or isinstance(module, UpcastLinear))
     set_tensor(module, attr, f.read(checkpoint_name, target.dtype if keep_dtype else dtype, device), target)
     return [name]
 

@@ -11,6 +11,10 @@ compute dtype, so only one layer's upcast weight exists at a time. On GPUs with 
 (compute capability 8.9+) `fp8_matmul` instead quantises the activations per row and calls
 `torch._scaled_mm` on the stored weight directly.
 
+On a CPU without native bfloat16 (`native_bf16_cpu`: no AVX-512 BF16 or AMX), bf16 and fp8
+weights compute in float32 instead (`for_device`; the user is told once): fp8 matrices through
+Fp8Linear in float32, bf16 matrices kept in bf16 as `UpcastLinear`s, the rest loaded in float32.
+
 Conversion happens at load time (model.load_model streams the released bf16 tensors into
 `quantize_rows_into`, a block of rows at a time); `save_converted` writes the result back as
 safetensors (`<name>.weight` in F8_E4M3 plus `<name>.weight_scale`), which loads without
@@ -19,7 +23,8 @@ converting again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -44,17 +49,22 @@ class Precision:
     dtype: the compute dtype, and the storage dtype of everything not in fp8.
     fp8: decoder linear weights stored as float8_e4m3fn with per-row scales.
     fp8_matmul: multiply in fp8 where the GPU supports it (else upcast, silently).
+    stored: the decoder linear weights' storage dtype when it is not `dtype` and not fp8: bf16
+    weights computing in float32 on a CPU without native bfloat16 (`for_device`; UpcastLinear).
     """
 
     name: str
     dtype: torch.dtype
     fp8: bool = False
     fp8_matmul: bool = False
+    stored: torch.dtype | None = None
 
     @property
     def weight_bytes(self) -> int:
         """Bytes per parameter of the converted decoder matrices."""
-        return 1 if self.fp8 else torch.tensor([], dtype=self.dtype).element_size()
+        if self.fp8:
+            return 1
+        return torch.tensor([], dtype=self.stored or self.dtype).element_size()
 
 
 def parse_precision(name: str | torch.dtype | Precision, *, fp8_matmul: bool = False,
@@ -75,6 +85,48 @@ def parse_precision(name: str | torch.dtype | Precision, *, fp8_matmul: bool = F
     if key not in dtypes:
         raise NextStepError(f"precision {name!r} is not one of {', '.join(PRECISION_NAMES)}")
     return Precision(key, dtypes[key])
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX). Elsewhere torch
+    emulates bfloat16 products, several times slower than float32 ones."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+TOLD = set()  # the notices already given in this process
+
+
+def for_device(precision: Precision, device: torch.device) -> Precision:
+    """The precision to load with on `device`: on a CPU without native bfloat16, bf16 and fp8
+    weights keep their storage (the decoder's matrices in bf16 or fp8) but compute in float32,
+    each matrix upcast when it is used; everything else loads in float32. Says so once."""
+    if device.type != "cpu" or precision.dtype != torch.bfloat16 or native_bf16_cpu():
+        return precision
+    if precision.name not in TOLD:
+        TOLD.add(precision.name)
+        logging.getLogger("nextstep_core").warning(
+            "NextStep: this CPU has no native bfloat16 arithmetic, so %s weights compute in float32 (the decoder's "
+            "matrices stay %s and are upcast per layer; the rest loads in float32): faster here than bfloat16",
+            precision.name, "fp8" if precision.fp8 else "bf16")
+    return replace(precision, dtype=torch.float32, stored=None if precision.fp8 else torch.bfloat16)
+
+
+class UpcastLinear(nn.Module):
+    """A Linear whose weight (out, in) and bias are stored in `stored` (bf16) and computed in the
+    input's dtype: y = x @ W^T + b with W upcast on use, one layer at a time."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, stored: torch.dtype, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=stored, device=device),
+                                   requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=stored, device=device),
+                                 requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
 
 
 class Fp8Linear(nn.Module):
@@ -137,14 +189,17 @@ def fp8_linear_names(model: nn.Module) -> list[str]:
     return [f"backbone.layers.{i}.{name}" for i in range(len(layers)) for name in FP8_LINEARS]
 
 
-def use_fp8_linears(model: nn.Module, precision: Precision) -> None:
-    """Swap the decoder's nn.Linear modules for Fp8Linear ones, on the same device (meta before loading)."""
-    for name in fp8_linear_names(model):
+def use_stored_linears(model: nn.Module, precision: Precision) -> None:
+    """Swap the decoder's nn.Linear modules for Fp8Linear (fp8) or UpcastLinear (`stored`) ones,
+    on the same device (meta before loading); other precisions leave them as they are."""
+    for name in fp8_linear_names(model) if precision.fp8 or precision.stored else []:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         old = getattr(parent, attr)
-        setattr(parent, attr, Fp8Linear(old.in_features, old.out_features, old.bias is not None, precision.dtype,
-                                        precision.fp8_matmul, device=old.weight.device))
+        bias, device = old.bias is not None, old.weight.device
+        new = (Fp8Linear(old.in_features, old.out_features, bias, precision.dtype, precision.fp8_matmul, device=device)
+               if precision.fp8 else UpcastLinear(old.in_features, old.out_features, bias, precision.stored, device))
+        setattr(parent, attr, new)
 
 
 def quantize_rows_into(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, start: int,
