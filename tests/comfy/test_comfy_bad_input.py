@@ -1,0 +1,39 @@
+"""Bad settings reaching the nodes through an API prompt (where the web UI's widget limits do not
+apply): each stops with the engine's one-line message on the node, before or while it runs, and
+the server keeps serving."""
+
+import json
+
+import pytest
+from comfy_harness import needs_comfyui, status_messages
+from test_comfy_execution import t2i_prompt
+
+pytestmark = needs_comfyui
+
+
+def error_message(comfy, prompt) -> str:
+    """The node's error text: a 400 at queue time, or the execution error of the run."""
+    status, answer = comfy.queue(prompt)
+    if status == 400:
+        return json.dumps(answer.get("node_errors", {})) + json.dumps(answer.get("error", {}))
+    entry = comfy.wait(answer["prompt_id"])
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    error = status_messages(entry)["execution_error"]
+    assert error["exception_type"].endswith("NextStepError"), error
+    return error["exception_message"]
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    # NaN passes ComfyUI's own min/max check of the widget values (every comparison with NaN is
+    # false), so the engine's check names it; infinities and values out of the widget's range
+    # are refused by ComfyUI's check, with the widget's name in the node error.
+    ("cfg", float("nan"), "cfg nan must be a finite number"),
+    ("noise_level", float("nan"), "noise level nan must be a finite number"),
+    ("shift", float("nan"), "shift nan must be a finite number"),
+    ("cfg", float("inf"), "Value inf bigger than max of 30.0"),
+    ("shift", float("inf"), "Value inf bigger than max of 20.0"),
+    ("noise_level", 3.0, "Value 3.0 bigger than max of 1.0"),
+])
+def test_non_finite_and_out_of_range_numbers_are_node_errors(comfy, setting, value, message):
+    assert message in error_message(comfy, t2i_prompt(**{setting: value}))
+    assert comfy.run(t2i_prompt(seed=3))["status"]["status_str"] == "success"  # still serving
