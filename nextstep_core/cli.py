@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import DEMO_MODEL
 from .checks import check_device, check_output_path, read_image
+from .demo.vocabulary import demo_model_warning
 from .errors import NextStepError
 from .sampling.settings import SAMPLERS
 
@@ -89,6 +90,9 @@ def run_generate(args) -> list[Path]:
     started = time.perf_counter()
     pipe = NextStepPipeline.from_folder(model, args.vae, version=args.version, dtype=args.dtype, device=args.device)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    warning = demo_model_warning(pipe.folder, args.prompt)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     log(f"loaded {model} as NextStep-{pipe.version.name} ({'; '.join(pipe.version_reasons)}) "
         f"in {time.perf_counter() - started:.1f}s")
 

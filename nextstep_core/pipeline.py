@@ -91,7 +91,8 @@ class NextStepPipeline:
     """A loaded model, its text tokenizer and image tokenizer, and its version settings."""
 
     def __init__(self, model: NextStepModel, tokenizer: PreTrainedTokenizerBase, image_tokenizer: ImageTokenizer,
-                 version: VersionSettings, version_reasons: list[str] | None = None):
+                 version: VersionSettings, version_reasons: list[str] | None = None, folder: Path | None = None):
+        self.folder = folder  # the model folder it was loaded from, if any
         self.model = model
         self.tokenizer = tokenizer
         self.image_tokenizer = image_tokenizer
@@ -123,7 +124,7 @@ class NextStepPipeline:
         model = load_model(files, device=device, precision=precision)
         if block_swap:
             enable_block_swap(model, block_swap)
-        return cls(model, tokenizer, image_tokenizer, files.version, files.version_reasons)
+        return cls(model, tokenizer, image_tokenizer, files.version, files.version_reasons, files.folder)
 
     @property
     def device(self) -> torch.device:

@@ -8,11 +8,16 @@ never touched.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from comfy_api.latest import io
+from comfy_execution.utils import get_executing_context
+from server import PromptServer
 
 from ..nextstep_core import CFG_SCHEDULES, SAMPLERS
 from ..nextstep_core.checks import check_image_size
+from ..nextstep_core.demo.vocabulary import demo_model_warning
 from ..nextstep_core.engine.prompt import IMAGE_MARKER
 from ..nextstep_core.errors import NextStepError
 from .latent import from_latent_dict, to_latent_dict
@@ -78,12 +83,25 @@ def text_inputs(prompt_name: str, prompt_tooltip: str) -> list:
     ]
 
 
+def warn_about_unknown_words(pipe, prompt: str) -> None:
+    """The demo model ignores words outside its small vocabulary: say which, in the console and
+    on the node (its progress text). Real checkpoints never warn."""
+    warning = demo_model_warning(pipe.folder, prompt)
+    if warning is None:
+        return
+    logging.warning("NextStep: %s", warning)
+    context = get_executing_context()
+    if context is not None:
+        PromptServer.instance.send_progress_text(warning, context.node_id)
+
+
 def generate(model: LoadedNextStep, prompt: str, *, width: int, height: int, image=None, negative="", positive="",
              batch_size, seed, cfg, cfg_img=None, steps, sampler, shift, noise_level, cfg_schedule, use_norm,
              velocity_norm) -> dict:
     """Run the engine with progress and interrupt wired to ComfyUI; returns a LATENT dict."""
     pipe = model.pipe
     grid = check_image_size(width, height, pipe.pixels_per_token)
+    warn_about_unknown_words(pipe, prompt)
     progress = TokenProgress(model.vae, grid, pipe.model.config.latent_patch_size)
     if image is not None or progress.previews:  # the tokenizer encodes the reference / fits the preview colours
         load_onto_device(model.patcher, model.vae.patcher)

@@ -33,7 +33,7 @@ ALLOWED = {
     "sampling": {"engine", "errors", "checks"},
     "memory": {"engine", "errors", "checks"},
     "pipeline": {"engine", "sampling", "memory", "errors", "checks"},
-    "cli": {"pipeline", "sampling", "errors", "checks", "root"},
+    "cli": {"pipeline", "sampling", "errors", "checks", "root", "demo"},  # demo: the default model's vocabulary
     "__main__": {"cli"},
     "root": ENGINE_LAYERS - {"demo", "cli", "__main__"},  # the public API: names re-exported from the layers
     "demo": ENGINE_LAYERS - {"cli", "__main__"},
