@@ -1,11 +1,20 @@
 """Shared fixtures: tiny checkpoints in both released layouts, written once per session."""
 
+import os
+
 import pytest
 import torch
 
+import nextstep_core.engine.precision as precision
 from nextstep_core.demo.tiny import write_tiny_model
 
 torch.set_num_threads(2)
+
+# NEXTSTEP_TEST_CPU=avx2: run as on a CPU without native bfloat16 (AVX2 only, as many AMD EPYC
+# and older Intel CPUs). With ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2 set as well,
+# torch's own kernels are such a CPU's too (scripts/test.sh --as-avx2 sets all three).
+if os.environ.get("NEXTSTEP_TEST_CPU") == "avx2":
+    precision.native_bf16_cpu = lambda: False
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import nextstep_core.engine.precision as precision
 from nextstep_core.demo.evaluate import evaluate
 from nextstep_core.demo.tiny import TinySpec, write_tiny_model
 from nextstep_core.engine.checkpoint import inspect_model_folder, save_converted
@@ -63,8 +64,10 @@ def test_tiny_model_generates_with_fp8_weights_and_the_converted_checkpoint_relo
     pipe = NextStepPipeline.from_folder(tiny_model_1_1, precision="fp8_e4m3fn")
     q_proj = pipe.model.backbone.layers[0].self_attn.q_proj
     assert isinstance(q_proj, Fp8Linear) and q_proj.weight.dtype == torch.float8_e4m3fn
-    assert pipe.model.backbone.embed_tokens.weight.dtype == torch.bfloat16  # kept in bf16
-    assert pipe.model.image_head.net.input_proj.weight.dtype == torch.bfloat16
+    # The rest stays in the compute dtype: bf16, or float32 on a CPU without native bf16 (precision.for_device).
+    compute = torch.bfloat16 if precision.native_bf16_cpu() else torch.float32
+    assert pipe.model.backbone.embed_tokens.weight.dtype == compute
+    assert pipe.model.image_head.net.input_proj.weight.dtype == compute
     result = pipe.generate("a red circle", width=32, height=32, steps=2, seed=3)
     assert result.images.shape == (1, 32, 32, 3) and torch.isfinite(result.images).all()
 
