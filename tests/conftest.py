@@ -12,7 +12,8 @@ torch.set_num_threads(2)
 
 # NEXTSTEP_TEST_CPU=avx2: run as on a CPU without native bfloat16 (AVX2 only, as many AMD EPYC
 # and older Intel CPUs). With ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2 set as well,
-# torch's own kernels are such a CPU's too (scripts/test.sh --as-avx2 sets all three).
+# torch's own kernels are such a CPU's too:
+#   NEXTSTEP_TEST_CPU=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 bash scripts/test.sh
 if os.environ.get("NEXTSTEP_TEST_CPU") == "avx2":
     precision.native_bf16_cpu = lambda: False
 
