@@ -94,7 +94,7 @@ class TokenStep:
                          exact=exact)
         self.velocity = GuidedVelocity(head, request.branches, request.settings, state_dtype)
         self.noise_stream = noise
-        self.noise = torch.zeros(count_noise_draws(self.sampler), request.images, model.config.token_dim,
+        self.noise_blocks = torch.zeros(count_noise_draws(self.sampler), request.images, model.config.token_dim,
                                  dtype=state_dtype, device=device)
         self.noise_drawn = 0
         self.position = torch.zeros(rows, 1, dtype=torch.long, device=device)
@@ -117,7 +117,7 @@ class TokenStep:
         """Fill the buffers for token k: its noise, head position and guidance scales and, for
         k >= 1, the position and mask column of token k - 1, which the step feeds."""
         request = self.request
-        self.noise.copy_(self.noise_stream.blocks(self.noise.shape[0]))
+        self.noise_blocks.copy_(self.noise_stream.blocks(self.noise_blocks.shape[0]))
         self.token_index.fill_(k)
         scales = guidance_scales(k, request.num_tokens, request.cfg, request.cfg_img, request.cfg_schedule,
                                  self.version.rising_linear_schedule)
@@ -133,7 +133,7 @@ class TokenStep:
                 self.mask[:, 0, 0, self.length + k - 1] = True
 
     def draw_noise(self) -> torch.Tensor:
-        block = self.noise[self.noise_drawn]
+        block = self.noise_blocks[self.noise_drawn]
         self.noise_drawn += 1
         return block
 
