@@ -109,6 +109,16 @@ class ComfyServer:
             self.process.kill()
             self.process.wait(timeout=20)
 
+    def rss(self) -> int:
+        """Resident memory of the server process in bytes (VmRSS of /proc/PID/status)."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024  # the kernel writes kB
+        raise RuntimeError(f"no VmRSS for process {self.process.pid}")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
