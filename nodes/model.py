@@ -17,7 +17,11 @@ on the GPU after a run or on unload are dropped (`release_swap`, the ON_DETACH c
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
+import threading
+import weakref
 from dataclasses import dataclass, field
 
 import comfy.model_management as mm
@@ -92,6 +96,24 @@ class LoadedNextStep:
     name: str
 
 
+def return_freed_memory() -> None:
+    """Ask glibc's malloc to hand freed heap memory back to the OS (Linux; elsewhere nothing).
+    Without it the weights of a freed model stay in the process's malloc arenas, counted in its
+    RSS, until something else reuses them."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # another C library (musl): it has no malloc_trim
+        pass
+
+
+def trim_after_free(loaded: LoadedNextStep) -> None:
+    """When `loaded` is freed (ComfyUI's /free, or its cache dropping the loader's output), return
+    the memory to the OS a moment later, once the deallocation has finished."""
+    weakref.finalize(loaded, lambda: threading.Timer(1.0, return_freed_memory).start())
+
+
 def wrap_pipeline(pipe: NextStepPipeline, name: str) -> LoadedNextStep:
     """Put the pipeline's networks under ComfyUI's model management (they stay where they are until a
     node needs them)."""
@@ -103,7 +125,9 @@ def wrap_pipeline(pipe: NextStepPipeline, name: str) -> LoadedNextStep:
                                                    offload_device=mm.vae_offload_device())
     if getattr(pipe.model, "block_swap", None) is not None:  # unloading also drops the swapped layers' copies
         patcher.add_callback(CallbacksMP.ON_DETACH, lambda *args: pipe.model.block_swap.release())
-    return LoadedNextStep(pipe, patcher, LoadedImageTokenizer(pipe.image_tokenizer, vae_patcher), name)
+    loaded = LoadedNextStep(pipe, patcher, LoadedImageTokenizer(pipe.image_tokenizer, vae_patcher), name)
+    trim_after_free(loaded)
+    return loaded
 
 
 def load_onto_device(*patchers: comfy.model_patcher.ModelPatcher) -> None:

@@ -13,7 +13,6 @@ import logging
 import torch
 from comfy_api.latest import io
 from comfy_execution.utils import get_executing_context
-from server import PromptServer
 
 from ..nextstep_core import CFG_SCHEDULES, SAMPLERS
 from ..nextstep_core.checks import check_image_size
@@ -92,6 +91,8 @@ def warn_about_unknown_words(pipe, prompt: str) -> None:
     logging.warning("NextStep: %s", warning)
     context = get_executing_context()
     if context is not None:
+        from server import PromptServer  # ComfyUI's server module, imported only when a node runs
+
         PromptServer.instance.send_progress_text(warning, context.node_id)
 
 
