@@ -4,6 +4,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from bounds import U32, assert_float64_agree, gamma, in_float64
 from PIL import Image
 
 import nextstep_core.engine.head as head_module
@@ -56,9 +57,15 @@ def test_fast_loop_velocity_norm_and_few_step_samplers_match_the_reference(pipe_
 
 
 def test_batched_modulations_stay_within_float_rounding(pipe_1_0):
-    reference = pipe_1_0.generate(PROMPTS[0], width=32, height=16, cfg=7.5, steps=8, decode=False).tokens
-    batched = pipe_1_0.generate(PROMPTS[0], width=32, height=16, cfg=7.5, steps=8, exact=False, decode=False).tokens
-    torch.testing.assert_close(batched, reference, atol=1e-5, rtol=1e-5)
+    """exact=False computes all steps' AdaLN modulations in one product; exact=True one per step.
+    Same formulas, other summation blocking: in float64 the whole image's tokens agree to
+    bounds.FLOAT64_AGREEMENT (1e-9 of their size), while a modulation taken from the wrong step or
+    row moves them by O(0.1). (In float32 they differ by ~1e-6, a size set by the CPU's kernels.)"""
+    kw = dict(width=32, height=16, cfg=7.5, steps=8, decode=False)
+    with in_float64(pipe_1_0.model):
+        reference = pipe_1_0.generate(PROMPTS[0], **kw).tokens
+        batched = pipe_1_0.generate(PROMPTS[0], exact=False, **kw).tokens
+    assert_float64_agree(batched, reference)
 
 
 def test_token_head_step_equals_the_net():
@@ -85,11 +92,8 @@ def float32_product_error_bound(x: torch.Tensor, linear: torch.nn.Linear) -> tor
     Stability of Numerical Algorithms, 3.1): gamma_n (|b| + sum_i |w_i| |x_i|), with
     gamma_n = n u / (1 - n u), u = 2^-24 and n = in_features + 1 terms. It depends on the data
     only, not on the CPU's kernels, thread count or instruction set."""
-    u = torch.finfo(torch.float32).eps / 2
-    n = linear.in_features + 1
-    gamma = n * u / (1 - n * u)
     magnitude = x.double().abs() @ linear.weight.double().abs().T + linear.bias.double().abs()
-    return gamma * magnitude
+    return gamma(linear.in_features + 1) * magnitude
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 20])
@@ -135,8 +139,24 @@ def test_exact_product_is_f_linear_bit_for_bit():
         assert torch.equal(exact_product(with_bias)(x3), F.linear(x3, with_bias.weight, with_bias.bias))
 
 
+# The most by which one float32 evaluation of the head may miss the float64 value, as a multiple
+# of another float32 evaluation's miss on the same data (see the test below).
+SAME_NET_ROUNDING_FACTOR = 8
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 8])
 def test_batched_token_head_with_fast_products_stays_within_float_rounding(rows):
+    """The fast kernels exist in float32 only, so the head runs in float32 and is measured against
+    the float64 net on the same weights and inputs. No useful a-priori bound exists through two
+    AdaLN blocks of width 1024, so the yardstick is the float32 net's own miss on the same data:
+    both are float32 evaluations of the same formulas, differing only in how each product's sum
+    is ordered and blocked (each product within the same gamma_n bound whatever the kernel,
+    test_fast_products_equal_f_linear_within_float_rounding), propagated through the same
+    layers; so their misses are of one size. Measured max ratio over 15 seeds x 4 row counts x 3
+    steps: 1.7 (AVX-512/AMX, 2 threads), 2.3 (1 thread), 2.0 (AVX2 kernels); the factor 8 leaves
+    3.5x on top. The floor u max|v| (one rounding of the output) keeps the bound above zero.
+    The bound is ~4e-6 on outputs ~1.5; a lost bias, a wrong step's modulation or a misaligned
+    weight moves them by O(0.1-1)."""
     torch.manual_seed(0)
     net = FlowNet(token_dim=16, cond_dim=32, dim=1024, layers=2)  # 4 MiB block weights: fast kernels
     net64 = FlowNet(token_dim=16, cond_dim=32, dim=1024, layers=2).double()
@@ -149,8 +169,10 @@ def test_batched_token_head_with_fast_products_stays_within_float_rounding(rows)
         for step, t in enumerate(times):
             fast, expected = head.velocity(x, step), net(x, t.expand(rows), condition)
             exact64 = net64(x.double(), t.expand(rows).double(), condition.double())
-            torch.testing.assert_close(fast, expected, atol=2e-6, rtol=0)  # outputs ~1.5
-            assert (fast.double() - exact64).abs().max() < 2e-6
+            float32_miss = (expected.double() - exact64).abs().max().item()
+            bound = SAME_NET_ROUNDING_FACTOR * max(float32_miss, U32 * exact64.abs().max().item())
+            assert (fast.double() - exact64).abs().max().item() <= bound
+            assert (fast - expected).abs().max().item() <= bound + float32_miss  # the triangle inequality
 
 
 @pytest.mark.parametrize("name", SAMPLERS)

@@ -2,10 +2,13 @@
 
 import pytest
 import torch
+from bounds import assert_float64_agree, assert_layer_normalised, float64_rotary_tables, in_float64
 from PIL import Image
 
+import nextstep_core.sampling.token_step as token_step
 from nextstep_core.errors import NextStepError
 from nextstep_core.pipeline import GenerationInterrupted
+from nextstep_core.sampling.samplers import normalize_token
 
 FAST = dict(steps=3)
 
@@ -39,22 +42,31 @@ def test_generation_leaves_the_global_rng_alone(pipe_1_1):
     assert torch.equal(torch.random.get_rng_state(), before)
 
 
-def test_1_0_use_norm_tokens_are_normalised(pipe_1_0):
+def test_1_0_use_norm_tokens_are_normalised(pipe_1_0, monkeypatch):
+    """Each token has mean 0 and variance 1 within the float32 rounding of a layer norm of the
+    sampled (raw) token's 64 numbers (bounds.layer_norm_statistics_bounds), recorded on the way."""
+    sampled = []
+    monkeypatch.setattr(token_step, "normalize_token", lambda token: sampled.append(token) or normalize_token(token))
     tokens = pipe_1_0.generate("a circle", width=32, height=32, **FAST).tokens[0]
-    torch.testing.assert_close(tokens.mean(-1), torch.zeros(4), atol=1e-5, rtol=0)
-    torch.testing.assert_close(tokens.var(-1, unbiased=False), torch.ones(4), atol=1e-3, rtol=0)
+    monkeypatch.undo()
+    assert len(sampled) == 4
+    assert_layer_normalised(tokens, torch.cat(sampled), dim=-1)
     raw = pipe_1_0.generate("a circle", width=32, height=32, use_norm=False, **FAST).tokens[0]
     assert (raw.var(-1, unbiased=False) - 1).abs().max() > 1e-2
 
 
 def test_1_0_batch_rows_equal_single_prompt_runs(pipe_1_0):
     prompts = ["a red circle", "a small green triangle at the top right of the image"]
-    batch = pipe_1_0.generate(prompts, width=32, height=32, num_images=2, seed=3, **FAST)
+    # Left padding shifts the padded row's positions; RoPE is relative and padded keys add exact
+    # zeros, so only the rounding differs: in float64 (rotary tables included) the tokens agree to
+    # bounds.FLOAT64_AGREEMENT (1e-9 of their size), while an absolute position or an unmasked pad
+    # moves them by O(0.1).
+    with in_float64(pipe_1_0.model), float64_rotary_tables(pipe_1_0.model):
+        batch = pipe_1_0.generate(prompts, width=32, height=32, num_images=2, seed=3, **FAST)
+        singles = [pipe_1_0.generate(prompt, width=32, height=32, num_images=2, seed=3, **FAST) for prompt in prompts]
     assert batch.images.shape[0] == 4
-    for p, prompt in enumerate(prompts):
-        single = pipe_1_0.generate(prompt, width=32, height=32, num_images=2, seed=3, **FAST)
-        # left padding shifts the padded row's positions; RoPE is relative, so only rounding differs
-        torch.testing.assert_close(batch.tokens[2 * p: 2 * p + 2], single.tokens, atol=2e-4, rtol=1e-4)
+    for p, single in enumerate(singles):
+        assert_float64_agree(batch.tokens[2 * p: 2 * p + 2], single.tokens)
     # 1.0 shares each image index's noise across prompts, but the images of one prompt differ
     assert (batch.tokens[0] - batch.tokens[1]).abs().max() > 1e-3
 
@@ -63,17 +75,25 @@ def test_1_1_draws_one_noise_row_per_image(pipe_1_1):
     # 1.1 draws (images, 64) per draw, no sharing across prompts: the same prompt twice in one
     # batch gives two different images, and the batch's first image starts from the single
     # run's initial noise (the first 64 numbers of the stream) but not its later draws.
-    batch = pipe_1_1.generate(["a red circle", "a red circle"], width=32, height=32, seed=3, sampler="ode", **FAST)
+    # In float64 the first token of the batch and of the single run differ only in rounding
+    # (batch size 2 vs 1): bounds.FLOAT64_AGREEMENT.
+    with in_float64(pipe_1_1.model):
+        kw = dict(width=32, height=32, seed=3, sampler="ode", **FAST)
+        batch = pipe_1_1.generate(["a red circle", "a red circle"], **kw)
+        single = pipe_1_1.generate("a red circle", **kw)
     assert (batch.tokens[0] - batch.tokens[1]).abs().max() > 1e-3
-    single = pipe_1_1.generate("a red circle", width=32, height=32, seed=3, sampler="ode", **FAST)
-    torch.testing.assert_close(batch.tokens[0, 0], single.tokens[0, 0], atol=2e-4, rtol=1e-4)
+    assert_float64_agree(batch.tokens[0, 0], single.tokens[0, 0])
     assert (batch.tokens[0, 1] - single.tokens[0, 1]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("pipe_name", ["pipe_1_0", "pipe_1_1"])
 def test_kv_cached_loop_matches_a_full_forward(pipe_name, request, monkeypatch):
-    """The conditions used for each token equal a cache-free forward over the whole sequence."""
+    """The conditions used for each token equal a cache-free forward over the whole sequence.
+    Both in float64: the same formulas in another order (the cache's one query row against all
+    of them), so they agree to bounds.FLOAT64_AGREEMENT; a wrong cache slot or position, O(0.1)."""
     pipe = request.getfixturevalue(pipe_name)
+    pipe.model.double()
+    request.addfinalizer(pipe.model.float)
     seen = []
     original = pipe.model.head_condition
 
@@ -99,7 +119,7 @@ def test_kv_cached_loop_matches_a_full_forward(pipe_name, request, monkeypatch):
                                    position_ids=positions).last_hidden_state
     length = rows.input_ids.shape[1]
     for k, hidden in enumerate(seen):
-        torch.testing.assert_close(hidden, full[:, length - 1 + k], atol=1e-5, rtol=1e-5)
+        assert_float64_agree(hidden, full[:, length - 1 + k])
 
 
 def test_editing_three_branches_and_dependence_on_the_image(pipe_1_0):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from bounds import assert_float64_agree, assert_layer_normalised
 from diffusers import AutoencoderKL
 from PIL import Image
 from vae_helpers import (
@@ -179,32 +180,39 @@ def flux_decoder(z, p, config):
 
 
 def test_tokenizer_computes_what_a_flux_autoencoder_computes_with_the_same_weights():
+    """Both sides in float64: the tokenizer (diffusers layout) and the hand-written Flux forward
+    compute the same formulas through different kernels and summation orders, so they agree to
+    bounds.FLOAT64_AGREEMENT (1e-9 of the outputs' size; float64 rounding through this ~30-layer
+    net is ~1e-14). A wrong group count, padding, shortcut or attention scale moves them by O(0.1)."""
     config = tiny_config()
-    flux = random_flux_state_dict(config, seed=3)
+    flux = {key: value.double() for key, value in random_flux_state_dict(config, seed=3).items()}
     tokenizer = ImageTokenizer(config)
     tokenizer.autoencoder.load_state_dict(flux_keys_to_diffusers(flux))
-    pixels = pixels_like(1, 3, 16, 24)
+    tokenizer.double()
+    pixels = pixels_like(1, 3, 16, 24).double()
     with torch.no_grad():
         mean, logvar = tokenizer.posterior(pixels)
         moments = flux_encoder(pixels, flux, config)
-        torch.testing.assert_close(torch.cat([mean, logvar], 1), moments, atol=1e-4, rtol=1e-4)
-        z = torch.randn(1, 16, 2, 3, generator=torch.Generator().manual_seed(1))
-        torch.testing.assert_close(tokenizer.decode(z), flux_decoder(z, flux, config), atol=1e-4, rtol=1e-4)
+        assert_float64_agree(torch.cat([mean, logvar], 1), moments)
+        z = torch.randn(1, 16, 2, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        assert_float64_agree(tokenizer.decode(z), flux_decoder(z, flux, config))
 
 
 # ----- latent maths -----
 
 
 def test_encoder_normalisation_per_position_and_per_patch():
+    """Mean 0 and variance 1 per position (16 channels) or per 2x2 patch (64 numbers) within the
+    float32 rounding of a layer norm of those numbers (bounds.layer_norm_statistics_bounds)."""
     mean = torch.randn(2, 16, 4, 6, generator=torch.Generator().manual_seed(0)) * 3 + 1
     for psz in (None, 0, 1):
-        normed = normalize_latent_positions(mean, psz)
-        torch.testing.assert_close(normed.mean(1), torch.zeros(2, 4, 6), atol=1e-5, rtol=0)
-        torch.testing.assert_close(normed.var(1, unbiased=False), torch.ones(2, 4, 6), atol=1e-4, rtol=0)
+        assert_layer_normalised(normalize_latent_positions(mean, psz), mean, dim=1)
     per_patch = normalize_latent_positions(mean, 2)
-    patches = per_patch.reshape(2, 16, 2, 2, 3, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 2, 3, 64)
-    torch.testing.assert_close(patches.mean(-1), torch.zeros(2, 2, 3), atol=1e-5, rtol=0)
-    torch.testing.assert_close(patches.var(-1, unbiased=False), torch.ones(2, 2, 3), atol=1e-4, rtol=0)
+
+    def patches_of(latent):
+        return latent.reshape(2, 16, 2, 2, 3, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 2, 3, 64)
+
+    assert_layer_normalised(patches_of(per_patch), patches_of(mean), dim=-1)
     assert (per_patch.var(1, unbiased=False) - 1).abs().max() > 0.05  # single positions are not normalised
     assert (per_patch.mean(1)).abs().max() > 0.05
     half = normalize_latent_positions(mean.half(), 1)
@@ -214,15 +222,16 @@ def test_encoder_normalisation_per_position_and_per_patch():
 
 
 def test_posterior_mean_is_normalised_when_encoder_norm():
+    """The encoder's raw mean (the same pixels without encoder_norm) normalised per position:
+    mean 0 and variance 1 within the float32 rounding of a layer norm of its 16 channels."""
     tokenizer = tiny_tokenizer(encoder_norm=True, psz=1)
     with torch.no_grad():
         mean, _ = tokenizer.posterior(pixels_like(2, 3, 16, 24))
     assert mean.shape == (2, 16, 2, 3)
-    torch.testing.assert_close(mean.mean(1), torch.zeros(2, 2, 3), atol=1e-5, rtol=0)
-    torch.testing.assert_close(mean.var(1, unbiased=False), torch.ones(2, 2, 3), atol=1e-4, rtol=0)
     tokenizer.config.encoder_norm = False
     with torch.no_grad():
         raw, _ = tokenizer.posterior(pixels_like(2, 3, 16, 24))
+    assert_layer_normalised(mean, raw, dim=1)
     assert (raw.var(1, unbiased=False) - 1).abs().max() > 0.05
     torch.testing.assert_close(mean, normalize_latent_positions(raw, 1))
 
