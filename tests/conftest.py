@@ -8,7 +8,7 @@ import torch
 import nextstep_core.engine.precision as precision
 from nextstep_core.demo.tiny import write_tiny_model
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("NEXTSTEP_TEST_THREADS", "2")))  # 1 to check one-thread rounding
 
 # NEXTSTEP_TEST_CPU=avx2: run as on a CPU without native bfloat16 (AVX2 only, as many AMD EPYC
 # and older Intel CPUs). With ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2 set as well,
