@@ -125,3 +125,34 @@ def test_checks_directly():
     assert check_device("cpu").type == "cpu"
     with pytest.raises(NextStepError, match="device mps is not available on this machine; use --device cpu"):
         check_device("mps")
+
+
+@pytest.fixture(scope="module")
+def broken_models(tiny_model_1_1, tmp_path_factory):
+    from broken_models import write_broken_models
+
+    return write_broken_models(tiny_model_1_1, tmp_path_factory.mktemp("broken"))
+
+
+@pytest.mark.parametrize("name", ["empty", "truncated", "garbage", "mismatched-config", "no-tokenizer",
+                                  "no-image-tokenizer", "pickle"])
+def test_broken_model_folders_give_one_line(name, broken_models, tmp_path, capsys):
+    folder, message = broken_models[name]
+    code, err = run(["--model", str(folder), "--prompt", "a red circle", "--steps", "2", "--quiet",
+                     "--out", str(tmp_path / "out.png")], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "out.png").exists()
+    assert not (folder.parent / f"{folder.name}-code-ran").exists()  # the pickle's code never ran
+
+
+def test_prompt_markers_through_the_cli(cli_base, tmp_path, capsys):
+    image = tmp_path / "in.png"
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(image)
+    cases = [(["--prompt", "<image> make it blue"], "the prompt has an `<image>` marker but no input image was given"),
+             (["--prompt", "make it blue", "--image", str(image)],
+              "an input image was given but the edit prompt has no `<image>` marker"),
+             (["--prompt", "<image> <image> make it blue", "--image", str(image)],
+              "the edit prompt has 2 `<image>` markers; use exactly one")]
+    for flags, message in cases:
+        code, err = run([*cli_base, *flags, "--out", str(tmp_path / "out.png")], capsys)
+        assert code == 2 and err == [f"error: {message}"], err

@@ -163,8 +163,13 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
         if len(head) < 8:
             raise NextStepError(f"weights file {path} is truncated or empty ({size} bytes)")
         header_len = struct.unpack("<Q", head)[0]
+        opens_json = f.read(1) == b"{"  # a safetensors header is a JSON object of at most 100 MB
+        if not opens_json or header_len > 100 << 20:
+            raise NextStepError(f"weights file {path} is not a safetensors file (no safetensors header at its "
+                                "start): download it again")
         if header_len > size - 8:
             raise NextStepError(f"weights file {path} is truncated: its header alone needs {header_len} bytes")
+        f.seek(8)
         try:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError):

@@ -3,9 +3,11 @@ apply): each stops with the engine's one-line message on the node, before or whi
 the server keeps serving."""
 
 import json
+import shutil
+import sys
 
 import pytest
-from comfy_harness import needs_comfyui, status_messages
+from comfy_harness import REPO, needs_comfyui, status_messages
 from test_comfy_execution import t2i_prompt
 
 pytestmark = needs_comfyui
@@ -37,3 +39,32 @@ def error_message(comfy, prompt) -> str:
 def test_non_finite_and_out_of_range_numbers_are_node_errors(comfy, setting, value, message):
     assert message in error_message(comfy, t2i_prompt(**{setting: value}))
     assert comfy.run(t2i_prompt(seed=3))["status"]["status_str"] == "success"  # still serving
+
+
+@pytest.fixture(scope="module")
+def broken_models(comfy):
+    """Broken copies of the server's tiny NextStep-1.1 folder, in its models/nextstep/ while it runs."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from broken_models import write_broken_models
+
+    nextstep = comfy.base / "models" / "nextstep"
+    made = write_broken_models(nextstep / "NextStep-1.1", nextstep)
+    yield made
+    for folder, _ in made.values():
+        shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("name", ["empty", "truncated", "garbage", "mismatched-config", "no-tokenizer",
+                                  "no-image-tokenizer", "pickle"])
+def test_broken_model_folders_are_node_errors(comfy, broken_models, name):
+    folder, message = broken_models[name]
+    prompt = t2i_prompt(seed=40)
+    prompt["1"]["inputs"]["model_name"] = folder.name
+    assert message in error_message(comfy, prompt)
+    assert not (folder.parent / f"{folder.name}-code-ran").exists()  # the pickle's code never ran
+    assert comfy.run(t2i_prompt(seed=41))["status"]["status_str"] == "success"  # still serving
+
+
+def test_an_image_marker_without_an_image_is_a_node_error(comfy):
+    message = "the prompt has an `<image>` marker but no input image was given"
+    assert message in error_message(comfy, t2i_prompt(prompt="<image> a red circle", seed=42))
