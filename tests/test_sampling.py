@@ -199,14 +199,15 @@ def test_guidance_rows_are_branch_major_for_several_images():
 
 
 def test_cfg_schedules():
+    """Exact: the scales, k / 4 and every result are short dyadic rationals (7.5, 4.875, 1.25...), exact in float64."""
     assert guidance_scales(0, 4, 7.5, 2.0, "constant", rising=False) == (7.5, 2.0)
     # 1.0: falls from the full scale at k = 0 towards 1
-    assert guidance_scales(0, 4, 7.5, 2.0, "linear", rising=False) == pytest.approx((7.5, 2.0))
-    assert guidance_scales(1, 4, 7.5, 2.0, "linear", rising=False) == pytest.approx((1 + 6.5 * 3 / 4, 1 + 1.0 * 3 / 4))
-    assert guidance_scales(3, 4, 7.5, 2.0, "linear", rising=False) == pytest.approx((1 + 6.5 / 4, 1.25))
+    assert guidance_scales(0, 4, 7.5, 2.0, "linear", rising=False) == (7.5, 2.0)
+    assert guidance_scales(1, 4, 7.5, 2.0, "linear", rising=False) == (1 + 6.5 * 3 / 4, 1 + 1.0 * 3 / 4)
+    assert guidance_scales(3, 4, 7.5, 2.0, "linear", rising=False) == (1 + 6.5 / 4, 1.25)
     # 1.1: rises, never below half the scale
-    assert guidance_scales(0, 4, 7.5, 2.0, "linear", rising=True) == pytest.approx((3.75, 1.0))
-    assert guidance_scales(3, 4, 7.5, 2.0, "linear", rising=True) == pytest.approx((1 + 6.5 * 3 / 4, 1.75))
+    assert guidance_scales(0, 4, 7.5, 2.0, "linear", rising=True) == (3.75, 1.0)
+    assert guidance_scales(3, 4, 7.5, 2.0, "linear", rising=True) == (1 + 6.5 * 3 / 4, 1.75)
     with pytest.raises(NextStepError, match="cfg schedule 'cosine' is not one of constant, linear"):
         guidance_scales(0, 4, 7.5, 1.0, "cosine", rising=False)
 
