@@ -37,6 +37,10 @@ def garbage_first_shard(folder: Path) -> None:
     shard.write_bytes(bytes(range(256)) * 64)
 
 
+def missing_shard(folder: Path) -> None:
+    sorted(folder.glob("model-*.safetensors"))[-1].unlink()
+
+
 def mismatched_config(folder: Path) -> None:
     config = json.loads((folder / "config.json").read_text())
     config["intermediate_size"] = 96
@@ -65,6 +69,7 @@ BREAKAGES = {  # name -> (how, the message's start)
     "empty": (None, "has no config.json"),
     "truncated": (truncate_first_shard, "is truncated"),
     "garbage": (garbage_first_shard, "is not a safetensors file (no safetensors header at its start)"),
+    "missing-shard": (missing_shard, "file(s) missing from"),
     "mismatched-config": (mismatched_config, "does config.json belong to these weights?"),
     "no-tokenizer": (without_tokenizer, "has no tokenizer (tokenizer.json / tokenizer_config.json)"),
     "no-image-tokenizer": (without_image_tokenizer, "has no vae/ folder; pass the image tokenizer folder"),

@@ -134,8 +134,8 @@ def broken_models(tiny_model_1_1, tmp_path_factory):
     return write_broken_models(tiny_model_1_1, tmp_path_factory.mktemp("broken"))
 
 
-@pytest.mark.parametrize("name", ["empty", "truncated", "garbage", "mismatched-config", "no-tokenizer",
-                                  "no-image-tokenizer", "pickle"])
+@pytest.mark.parametrize("name", ["empty", "truncated", "garbage", "missing-shard", "mismatched-config",
+                                  "no-tokenizer", "no-image-tokenizer", "pickle"])
 def test_broken_model_folders_give_one_line(name, broken_models, tmp_path, capsys):
     folder, message = broken_models[name]
     code, err = run(["--model", str(folder), "--prompt", "a red circle", "--steps", "2", "--quiet",

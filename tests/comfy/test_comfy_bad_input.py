@@ -54,8 +54,8 @@ def broken_models(comfy):
         shutil.rmtree(folder)
 
 
-@pytest.mark.parametrize("name", ["empty", "truncated", "garbage", "mismatched-config", "no-tokenizer",
-                                  "no-image-tokenizer", "pickle"])
+@pytest.mark.parametrize("name", ["empty", "truncated", "garbage", "missing-shard", "mismatched-config",
+                                  "no-tokenizer", "no-image-tokenizer", "pickle"])
 def test_broken_model_folders_are_node_errors(comfy, broken_models, name):
     folder, message = broken_models[name]
     prompt = t2i_prompt(seed=40)
@@ -68,3 +68,13 @@ def test_broken_model_folders_are_node_errors(comfy, broken_models, name):
 def test_an_image_marker_without_an_image_is_a_node_error(comfy):
     message = "the prompt has an `<image>` marker but no input image was given"
     assert message in error_message(comfy, t2i_prompt(prompt="<image> a red circle", seed=42))
+
+
+def test_two_image_markers_in_an_edit_instruction_are_a_node_error(comfy):
+    from comfy_harness import EXAMPLE_IMAGE
+    from test_comfy_execution import decode, edit, loader, save
+
+    load_image = {"class_type": "LoadImage", "inputs": {"image": EXAMPLE_IMAGE}}
+    prompt = {"1": loader("NextStep-1-Large-Edit"), "2": load_image,
+              "3": edit("<image> <image> make it green", image=["2", 0]), "4": decode("3"), "5": save("4")}
+    assert "the edit prompt has 2 `<image>` markers; use exactly one" in error_message(comfy, prompt)
