@@ -47,11 +47,12 @@ MAX_ASPECT = 1.6
 
 @dataclass(frozen=True)
 class ObjectSpec:
-    """One captioned object; size is None when the caption does not say."""
+    """One captioned object; size (and, in a free phrasing, position) is None when the caption
+    does not say."""
 
     shape: str
     color: str
-    position: str
+    position: str | None
     size: str | None = None
 
 
@@ -343,9 +344,9 @@ def objects_of(labels: np.ndarray) -> list[Found]:
 
 
 def _matches(spec: ObjectSpec, found: Found) -> bool:
-    """Same shape, colour, position and, when captioned, size."""
-    same = (spec.shape, spec.color, spec.position) == (found.shape, found.color, found.position)
-    return same and (spec.size is None or spec.size == found.size)
+    """Same shape and colour, and the same position and size where the caption names them."""
+    return ((spec.shape, spec.color) == (found.shape, found.color)
+            and spec.position in (None, found.position) and spec.size in (None, found.size))
 
 
 def match_count(specs: list[ObjectSpec], found: list[Found]) -> int:
@@ -370,8 +371,12 @@ def score(image, caption: str, *, background: bool = True) -> float:
 
     With background=False, or a caption without a background phrase, only objects count.
     """
-    specs = parse_caption(caption)
-    wanted = parse_background(caption) if background else None
+    return score_specs(image, parse_caption(caption), parse_background(caption) if background else None)
+
+
+def score_specs(image, specs: list[ObjectSpec], wanted: BackgroundSpec | None) -> float:
+    """`score` for objects and a background given directly (a free phrasing's request, say: an
+    object's position or size None when the caption leaves it free; no background: any)."""
     labels = palette_labels(as_pixels(image))
     found = objects_of(labels)
     matched = match_count(specs, found)

@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.model import patchify
-from ..engine.prompt import SpecialIds, build_prompt_rows
+from ..engine.prompt import IMAGE_MARKER, SpecialIds, build_prompt_rows
 from ..engine.vae import ImageTokenizer
 from .objective import TrainingBatch
+from .phrasing import free_caption, free_instruction
 from .scenes import edit_dataset, scene_dataset
 
 SIZES = ((64, 64), (64, 64), (128, 64), (64, 128))  # (width, height) of the training scenes; 64x64 drawn half the time
@@ -66,11 +67,26 @@ def encode_tokens(tokenizer: ImageTokenizer, images) -> torch.Tensor:
                       for i in range(0, len(images), 256)])
 
 
-def build_examples(tokenizer_vae: ImageTokenizer, seed: int, scenes: int, edits: int, log):
-    """(kind, caption, target tokens, source tokens | None, grid) examples, encoded once."""
+def parse_scene_sizes(text: str) -> tuple[tuple[int, int], ...]:
+    """'64x64,96x96,128x64' -> ((64, 64), (96, 96), (128, 64)) as (width, height); sides multiples of 16, >= 64."""
+    sizes = []
+    for item in text.split(","):
+        try:
+            width, height = (int(v) for v in item.strip().lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--scene-sizes: {item!r} is not WIDTHxHEIGHT") from None
+        if width % 16 or height % 16 or min(width, height) < 64:
+            raise SystemExit(f"--scene-sizes: {width}x{height} needs sides that are multiples of 16, at least 64")
+        sizes.append((width, height))
+    return tuple(sizes)
+
+
+def build_examples(tokenizer_vae: ImageTokenizer, seed: int, scenes: int, edits: int, log, sizes=SIZES):
+    """(kind, caption, target tokens, source tokens | None, grid) examples, encoded once; scene
+    i has size sizes[i % len(sizes)] (width, height)."""
     examples = []
-    pairs = scene_dataset(seed + 1, scenes, SIZES)
-    triples = edit_dataset(seed + 2, edits, SIZES)
+    pairs = scene_dataset(seed + 1, scenes, sizes)
+    triples = edit_dataset(seed + 2, edits, sizes)
     for size in sorted({im.size for im, _ in pairs}):
         chosen = [(im, cap) for im, cap in pairs if im.size == size]
         tokens = encode_tokens(tokenizer_vae, [im for im, _ in chosen])
@@ -87,11 +103,12 @@ def build_examples(tokenizer_vae: ImageTokenizer, seed: int, scenes: int, edits:
 
 
 def cached_examples(out: Path, tokenizer_vae: ImageTokenizer, seed: int, scenes: int, edits: int, log,
-                    bf16: bool = False):
+                    bf16: bool = False, sizes=SIZES):
     """build_examples(), kept in `<out>/examples-<key>.pt` so that a resumed or repeated run does
     not encode the same images again. The key covers the arguments, the encoding precision and
     the tokenizer's weights (vae.pt), so a changed tokenizer never reuses stale tokens."""
-    digest = hashlib.sha1(f"{seed} {scenes} {edits} {bf16}".encode())
+    key = f"{seed} {scenes} {edits} {bf16}" + ("" if tuple(sizes) == SIZES else f" {tuple(sizes)}")
+    digest = hashlib.sha1(key.encode())
     digest.update((out / "vae.pt").read_bytes())
     path = out / f"examples-{digest.hexdigest()[:12]}.pt"
     device = next(tokenizer_vae.parameters()).device
@@ -102,7 +119,7 @@ def cached_examples(out: Path, tokenizer_vae: ImageTokenizer, seed: int, scenes:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             examples = [(kind, text, target.float().cpu(), None if source is None else source.float().cpu(), grid)
                         for kind, text, target, source, grid in
-                        build_examples(tokenizer_vae, seed, scenes, edits, log)]
+                        build_examples(tokenizer_vae, seed, scenes, edits, log, sizes)]
         tmp = path.with_suffix(".tmp")
         torch.save(examples, tmp)
         tmp.replace(path)
@@ -131,10 +148,11 @@ def group_weights(keys: list[tuple], sizes: list[int], edit_share: float | None 
 
 
 def example_batches(examples, batch_size: int, rng: np.random.Generator,
-                    edit_share: float | None = None) -> Iterator[list]:
+                    edit_share: float | None = None, batch_tokens: int | None = None) -> Iterator[list]:
     """Endless batches for the model stage: a (kind, grid) group drawn with group_weights, then
-    `batch_size` different examples of it. The groups and weights are made (and `edit_share`
-    checked) at once; the draws happen as batches are taken."""
+    `batch_size` different examples of it (with `batch_tokens`: as many as give that many image
+    tokens, at most batch_size and at least 4, so big images make smaller batches). The groups
+    and weights are made (and `edit_share` checked) at once; the draws happen as batches are taken."""
     groups: dict[tuple, list] = {}
     for example in examples:
         groups.setdefault((example[0], example[4]), []).append(example)
@@ -144,23 +162,33 @@ def example_batches(examples, batch_size: int, rng: np.random.Generator,
     def draw() -> Iterator[list]:
         while True:
             key = keys[rng.choice(len(keys), p=weights)]
-            yield [groups[key][i] for i in rng.choice(len(groups[key]), size=batch_size, replace=False)]
+            size = batch_size
+            if batch_tokens is not None:
+                size = min(batch_size, max(4, batch_tokens // (key[1][0] * key[1][1])))
+            group = groups[key]
+            yield [group[i] for i in rng.choice(len(group), size=min(size, len(group)), replace=False)]
 
     return draw()
 
 
-def make_batch(text_tokenizer, special: SpecialIds, examples, rng: np.random.Generator) -> TrainingBatch:
-    """Teacher-forcing rows for examples of one kind and size, with guidance dropout."""
+def make_batch(text_tokenizer, special: SpecialIds, examples, rng: np.random.Generator,
+               free_captions: float = 0.0) -> TrainingBatch:
+    """Teacher-forcing rows for examples of one kind and size, with guidance dropout; that share
+    of the kept captions and edit instructions said in a random free phrasing (phrasing.py)."""
     kind, grid = examples[0][0], examples[0][4]
     captions, sources = [], []
     for _, caption, _, source, _ in examples:
         drop = rng.random()
         if kind == "t2i":
+            if drop >= 0.1 and free_captions and rng.random() < free_captions:
+                caption = free_caption(caption, rng)
             captions.append("" if drop < 0.1 else caption)
         elif drop < 0.05:  # negative alone: the image-free guidance branch, trained as t2i
             captions.append("")
         else:
-            captions.append("<image>" if drop < 0.15 else caption)
+            if drop >= 0.15 and free_captions and rng.random() < free_captions:
+                caption = f"{IMAGE_MARKER} {free_instruction(caption.removeprefix(IMAGE_MARKER).strip(), rng)}"
+            captions.append(IMAGE_MARKER if drop < 0.15 else caption)
             sources.append(source)
     texts_with_image = [c for c in captions if "<image>" in c]
     plain = [c for c in captions if "<image>" not in c]

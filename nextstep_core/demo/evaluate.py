@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +26,15 @@ from ..engine.prompt import SpecialIds, build_prompt_rows
 from ..pipeline import NextStepPipeline
 from ..sampling.reference_loop import sample_token
 from ..sampling.samplers import prepare_sampler
-from .checker import find_objects, parse_caption, score
+from .checker import find_objects, parse_caption, score, score_specs
 from .objective import TrainingBatch, image_conditions, sequence_embeddings
+from .phrasing import FORMS, caption_request, form_phrasing, phrase, phrase_instruction, random_phrasing, scene_request
 from .scenes import EDIT_KINDS, caption, random_edit, random_scene, render
 
 HELD_OUT_SEED = 1000
 EDIT_SEED = 2000
+FREE_SEED = 3000  # free phrasings: their own streams, apart from training's (seeds < 100) and the lists above
+FREE_SIZES = ((64, 64), (96, 96), (128, 128), (128, 64))
 
 
 def held_out_scenes(count: int, size=(64, 64)):
@@ -41,6 +45,66 @@ def held_out_scenes(count: int, size=(64, 64)):
 def held_out_edits(count: int, size=(64, 64)):
     rng = np.random.default_rng(EDIT_SEED)
     return [random_edit(rng, random_scene(rng, *size)) for _ in range(count)]
+
+
+def free_phrased_captions(count: int, size=(64, 64)) -> list[tuple[str, str, list, object]]:
+    """(form, caption, requested objects, requested background) for `count` held-out scenes of one
+    size, the forms of phrasing.FORMS in turn; "plural" scenes have two objects of one colour."""
+    rng = np.random.default_rng([FREE_SEED, *size])
+    prompts = []
+    for i in range(count):
+        form = FORMS[i % len(FORMS)]
+        scene = random_scene(rng, *size)
+        while form == "plural" and len({o.color for o in scene.objects}) == len(scene.objects):
+            scene = random_scene(rng, *size)
+        how = random_phrasing(rng) if form == "mixed" else form_phrasing(form)
+        text, request = phrase(scene_request(scene), how, rng)
+        prompts.append((form, text, list(request.objects), request.background))
+    return prompts
+
+
+def free_phrased_edits(count: int, size=(64, 64)) -> list[tuple[str, Image.Image, str, list, object]]:
+    """(form, source image, instruction, target objects, target background) for held-out edits,
+    the instruction said in the forms of phrasing.FORMS in turn."""
+    rng = np.random.default_rng([FREE_SEED + 1, *size])
+    edits = []
+    for i in range(count):
+        form = FORMS[i % len(FORMS)]
+        source, instruction, target = random_edit(rng, random_scene(rng, *size))
+        how = random_phrasing(rng) if form == "mixed" else form_phrasing(form)
+        text, added_size = phrase_instruction(instruction, how, rng)
+        request = caption_request(caption(target))
+        objects = list(request.objects)
+        if instruction.startswith("add") and added_size is None:  # the added object is listed last
+            objects[-1] = replace(objects[-1], size=None)
+        edits.append((form, render(source), text, objects, request.background))
+    return edits
+
+
+def free_phrasing_scores(pipe: NextStepPipeline, *, captions: int = 48, edits: int = 48, sizes=FREE_SIZES,
+                         seed: int = 0, batch: int = 12, **sampling) -> dict:
+    """Checker scores of free-phrased held-out captions per size and per form (over every size),
+    and of free-phrased edits (64x64) per form: the demo model asked the way people ask."""
+    started, per_size, per_form = time.perf_counter(), {}, {}
+    for width, height in sizes:
+        prompts, scores = free_phrased_captions(captions, (width, height)), []
+        for i in range(0, len(prompts), batch):
+            chunk = prompts[i:i + batch]
+            result = pipe.generate([p[1] for p in chunk], width=width, height=height, seed=seed + i, **sampling)
+            for (form, _, objects, background), image in zip(chunk, result.to_pil()):
+                scores.append(score_specs(image, objects, background))
+                per_form.setdefault(form, []).append(scores[-1])
+        per_size[f"{width}x{height}"] = float(np.mean(scores))
+    edit_forms = {}
+    for k, (form, source, text, objects, background) in enumerate(free_phrased_edits(edits)):
+        result = pipe.generate(f"<image> {text}", image=source, seed=seed + k, **sampling)
+        edit_forms.setdefault(form, []).append(score_specs(result.to_pil()[0], objects, background))
+    return {"free_caption_score_per_size": per_size,
+            "free_caption_score_per_form": {f: float(np.mean(v)) for f, v in per_form.items()},
+            "free_edit_score": float(np.mean([s for v in edit_forms.values() for s in v])) if edits else None,
+            "free_edit_score_per_form": {f: float(np.mean(v)) for f, v in edit_forms.items()},
+            "free_captions_per_size": captions, "free_edits": edits,
+            "free_seconds": round(time.perf_counter() - started, 1)}
 
 
 def tokenizer_reconstruction(image_tokenizer, scenes, dtype=torch.float32) -> dict:
@@ -190,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher-forced", type=int, default=0, metavar="N",
                         help="also score N held-out captions (and up to --edits edits) with every token sampled given "
                              "the true tokens before it")
+    parser.add_argument("--free", type=int, default=0, metavar="N",
+                        help="also score N free-phrased held-out captions per size (64, 96, 128, 128x64) and N "
+                             "free-phrased edits, per phrasing form")
+    parser.add_argument("--free-edits", type=int, help="free-phrased edits (default: --free)")
     parser.add_argument("--report", help="write the figures as JSON here")
     parser.add_argument("--grid", help="write a PNG grid of the first 32 caption samples here")
     args = parser.parse_args(argv)
@@ -198,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     sampling = {k: v for k, v in chosen.items() if v is not None}
     report = evaluate(pipe, captions=args.captions, edits=args.edits, **sampling)
     samples, texts = report.pop("_samples"), report.pop("_texts")
+    if args.free:
+        edits = args.free if args.free_edits is None else args.free_edits
+        report.update(free_phrasing_scores(pipe, captions=args.free, edits=edits, **sampling))
     if args.teacher_forced:
         def in_chunks_of_50(kind, items):
             return float(np.mean([teacher_forced_score(pipe, **{kind: items[i:i + 50]}, seed=i, **sampling)

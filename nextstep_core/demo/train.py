@@ -53,6 +53,7 @@ from .data import (
     example_batches,
     grouped_batches,
     make_batch,
+    parse_scene_sizes,
     pil_batch_to_pixels,
     random_crops,
 )
@@ -119,29 +120,13 @@ def run_spec(out: Path, overrides: dict | None = None) -> TinySpec:
     return spec
 
 
-
-
 def vae_config(spec: TinySpec) -> VaeConfig:
     return VaeConfig.from_dict({"resolution": 64, "ch": spec.vae_ch, "ch_mult": list(spec.vae_ch_mult),
                                 "num_res_blocks": spec.vae_res_blocks, "z_channels": 16},
                                nextstep_1_1_defaults=True)
 
 
-
-
-
-
-
-
 NOISE_STRENGTH = 0.25  # the latent perturbation: Gaussian noise of strength U(0, 0.25) on the normalised latent
-
-
-
-
-
-
-
-
 
 
 def reconstruction_loss(decoded: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
@@ -151,8 +136,6 @@ def reconstruction_loss(decoded: torch.Tensor, pixels: torch.Tensor) -> torch.Te
 
     (dy, dx), (ty, tx) = grads(decoded), grads(pixels)
     return F.l1_loss(decoded, pixels) + F.mse_loss(decoded, pixels) + F.l1_loss(dy, ty) + F.l1_loss(dx, tx)
-
-
 
 
 def train_vae(out: Path, steps: int, batch_size: int, seed: int, save_every: int, log, crop: int = CROP,
@@ -196,20 +179,10 @@ def train_vae(out: Path, steps: int, batch_size: int, seed: int, save_every: int
     return tokenizer.eval()
 
 
-
-
 def load_trained_vae(out: Path, device: str = "cpu") -> ImageTokenizer:
     tokenizer = ImageTokenizer(vae_config(run_spec(out)))
     tokenizer.load_state_dict(load_state(out / "vae.pt")["weights"])
     return tokenizer.eval().to(device)
-
-
-
-
-
-
-
-
 
 
 def new_demo_model(text_tokenizer, spec: TinySpec, seed: int) -> tuple[NextStepModel, dict]:
@@ -220,19 +193,17 @@ def new_demo_model(text_tokenizer, spec: TinySpec, seed: int) -> tuple[NextStepM
     return NextStepModel(NextStepConfig.from_dict(config_dict), spec.head_dim, spec.head_layers), config_dict
 
 
-
-
-
-
 def train_model(out: Path, steps: int, batch_size: int, seed: int, save_every: int, log,
                 scenes: int = 12000, edits: int = 6000, device: str = "cpu",
                 minutes: float | None = None, init_from: Path | None = None, lr: float = 5e-4,
                 input_noise: float = 0.0, self_feed: float = 0.0, bf16: bool = False,
-                edit_share: float | None = None, changed_weight: float = 1.0) -> NextStepModel:
+                edit_share: float | None = None, changed_weight: float = 1.0, free_captions: float = 0.0,
+                scene_sizes=SIZES, batch_tokens: int | None = None) -> NextStepModel:
     """The model stage. `init_from` (a model.pt of an earlier run of the same sizes) starts a new
     run from those weights, with a fresh optimiser and schedule (ignored when resuming).
     `input_noise`, `self_feed`: see objective.training_losses. `bf16`: see compute_precision.
-    `edit_share`: see group_weights. `changed_weight`: see objective.edited_token_weights."""
+    `edit_share`: see group_weights. `changed_weight`: see objective.edited_token_weights.
+    `free_captions`, `scene_sizes`, `batch_tokens`: see data.make_batch, build_examples, example_batches."""
     spec = run_spec(out)
     text_folder = write_tiny_tokenizer(out / "text_tokenizer", vocab_size=640)
     text_tokenizer = load_tokenizer(text_folder)
@@ -248,9 +219,10 @@ def train_model(out: Path, steps: int, batch_size: int, seed: int, save_every: i
         log(f"model weights from {init_from}")
     model.to(device)
     move_optimizer_state(optimizer, device)
-    examples = cached_examples(out, load_trained_vae(out, device), seed, scenes, edits, log, bf16=bf16)
+    examples = cached_examples(out, load_trained_vae(out, device), seed, scenes, edits, log, bf16=bf16,
+                               sizes=scene_sizes)
     rng = np.random.default_rng(seed + start)
-    batches = example_batches(examples, batch_size, rng, edit_share)
+    batches = example_batches(examples, batch_size, rng, edit_share, batch_tokens)
     generator = torch.Generator().manual_seed(seed + start)
     budget = StepBudget(steps, minutes, start, log)
     began = time.perf_counter()
@@ -259,7 +231,7 @@ def train_model(out: Path, steps: int, batch_size: int, seed: int, save_every: i
         save_state(path, weights=model.state_dict(), optimizer=optimizer.state_dict(), step=done)
 
     for step, total in budget.run(save_every, save):
-        batch = make_batch(text_tokenizer, special, next(batches), rng).to(device)
+        batch = make_batch(text_tokenizer, special, next(batches), rng, free_captions).to(device)
         with compute_precision(device, bf16):
             losses = training_losses(model, batch, lm_loss_weight=0.01, head_repeats=4, generator=generator,
                                      input_noise=input_noise, self_feed=self_feed, changed_weight=changed_weight)
@@ -359,6 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bf16", action="store_true",
                         help="bfloat16 autocast for the forward/backward passes and the tokenizer's encoding "
                              "(float32 weights and optimiser; much faster on CPUs with AMX)")
+    parser.add_argument("--free-captions", type=float, default=0.0,
+                        help="model stage: share of captions said in a random free phrasing (phrasing.py)")
+    parser.add_argument("--scene-sizes", type=parse_scene_sizes, default=SIZES, metavar="WxH,...",
+                        help="model stage: training scene sizes, cycled (default 64x64,64x64,128x64,64x128)")
+    parser.add_argument("--batch-tokens", type=int,
+                        help="model stage: image tokens per batch (at most --batch-size images, at least 4)")
     parser.add_argument("--size", action="append", default=[], metavar="NAME=VALUE",
                         help="override a size of demo_spec() (TinySpec field, e.g. vae_ch=64, vae_ch_mult=1,2,2,2, "
                              "hidden_size=256); kept in <out>/spec.json for the later stages")
@@ -389,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         train_model(out, args.steps, args.batch_size, args.seed, args.save_every, log, scenes=args.scenes or 12000,
                     edits=args.edits, device=args.device, minutes=args.minutes, init_from=args.init_from,
                     lr=args.lr, input_noise=args.input_noise, self_feed=args.self_feed, bf16=args.bf16,
-                    edit_share=args.edit_share, changed_weight=args.changed_weight)
+                    edit_share=args.edit_share, changed_weight=args.changed_weight,
+                    free_captions=args.free_captions, scene_sizes=args.scene_sizes, batch_tokens=args.batch_tokens)
     else:
         log(f"exported to {export(out, Path(args.to))}")
     return 0
