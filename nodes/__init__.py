@@ -2,12 +2,12 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import loaders, sample, vae
+from . import given, loaders, sample, vae
 
 
 class NextStepExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*loaders.NODES, *sample.NODES, *vae.NODES]
+        return [*loaders.NODES, *sample.NODES, *given.NODES, *vae.NODES]
 
 
 async def comfy_entrypoint() -> NextStepExtension:
