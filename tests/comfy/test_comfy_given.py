@@ -13,11 +13,17 @@ import pytest
 import torch
 from comfy_harness import EXAMPLE_IMAGE, EXAMPLE_SIZE, needs_comfyui, output_images
 from test_comfy_bad_input import error_message
-from test_comfy_execution import SAMPLING, collect, decode, edit, loader, save
+from test_comfy_execution import SAMPLING, collect, decode, edit, save
+from test_comfy_execution import loader as any_loader
 
 pytestmark = needs_comfyui
 
 MASKED_SCENE = "NextStep_demo_scene_masked.png"  # 64x64, its alpha painted away over the bottom right 32x32
+
+
+def loader(model="NextStep-1.1"):
+    """float32 weights, as the comparisons with the engine called here assume."""
+    return any_loader(model, dtype="float32")
 
 
 def load_image(name=EXAMPLE_IMAGE):
@@ -133,7 +139,7 @@ def test_edit_with_a_latent_reference_is_generate_with_that_latent_as_is(comfy):
     """No decode and re-encode: the node's result is the engine's generate(image=LatentImage(latent))."""
     from nextstep_core import LatentImage
 
-    prompt = {"1": loader("NextStep-1-Large-Edit", dtype="float32"), "2": load_image(), "3": encode("2"),
+    prompt = {"1": loader("NextStep-1-Large-Edit"), "2": load_image(), "3": encode("2"),
               "4": save_latent("3", "edit_ref"), "5": edit("make the circle green", latent=["3", 0], seed=24),
               "6": save_latent("5", "edit_out")}
     entry = run(comfy, prompt)
