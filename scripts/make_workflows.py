@@ -22,6 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "comfy"))
+sys.path.insert(0, str(REPO))  # nextstep_core, for the example pictures
 
 from comfy_harness import PACK_NAME, ComfyServer  # noqa: E402
 from workflow_convert import extra_values, input_specs, is_widget  # noqa: E402
