@@ -192,6 +192,24 @@ def test_region_progress_counts_every_token_and_a_long_continuation_can_be_inter
                        "4": save_latent("3", "after")})
 
 
+# ----- the demo model's vocabulary warning -----
+
+
+@pytest.mark.parametrize("node", ["continue", "region"])
+def test_the_new_nodes_name_the_demo_models_unknown_words(comfy, node):
+    from test_comfy_vocabulary import node_texts
+
+    prompt = {"1": loader("nextstep-demo"), "2": load_image(MASKED_SCENE)}
+    if node == "continue":
+        prompt["3"] = continue_image(keep_rows=2, image=["2", 0], prompt="a purple cat on the left", seed=29)
+    else:
+        prompt["3"] = regenerate_region(["2", 1], image=["2", 0], prompt="a purple cat on the left", seed=29)
+    prompt["4"] = save_latent("3", f"vocabulary_{node}")
+    warnings = [(n, text) for n, text in node_texts(comfy, prompt) if "does not know" in text]
+    assert warnings and warnings[0][0] == "3"
+    assert warnings[0][1].startswith("the demo model does not know the word(s) purple, cat and ignores them.")
+
+
 # ----- bad input -----
 
 
