@@ -64,7 +64,7 @@ class GenerationResult:
     normalised latent space; images (images, H, W, 3) float in [0, 1] (None if not decoded).
     Images are ordered prompt-major: image i of prompt p is row p * images_per_prompt + i.
     given: (rows*cols,) bool in raster order, True where the token was given (keep_rows,
-    region), the same for every image; None when no token was given."""
+    region), the same for every image; None when neither keep_rows nor a region was asked for."""
 
     tokens: torch.Tensor
     latents: torch.Tensor
@@ -189,7 +189,8 @@ class NextStepPipeline:
         Given tokens (nextstep-reference.md section 11; docs/given-tokens.md): their head is
         not run and they draw no noise; the result's `given` marks them.
         - keep_rows: continuation; the first keep_rows token rows (16 px each) are taken from
-          `reference` (PIL, pixel tensor or LatentImage, of the output's size);
+          `reference` (PIL, pixel tensor or LatentImage, of the output's size; when editing,
+          the edit image unless `reference` is given);
         - region: a mask of the output's size (tensor (H, W) / (1, H, W), > 0 = redraw; numpy
           array; PIL image): every token whose 16x16 cell overlaps it is sampled (the cells
           widened by `grow` tokens), the others are given from `reference`; when editing, from

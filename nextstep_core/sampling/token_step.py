@@ -11,6 +11,10 @@ index, the guidance scales (when they vary) and the token's noise, drawn from th
 generator in the contract's order. With a StaticCache (`static=True`) every shape is fixed and
 the step reads nothing else that changes, so it can be captured once as a CUDA graph and
 replayed for every later token (graphs.py); elsewhere the same function runs eagerly.
+
+At a given position (sampling/given.py) the loop calls `prepare(k, sample=False)` and `feed`
+alone: no noise is drawn and no head runs; the feed writes the same cache and buffers the
+captured step reads.
 """
 
 from __future__ import annotations
