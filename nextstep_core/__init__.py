@@ -31,6 +31,7 @@ from .sampling.settings import (
 )
 
 if TYPE_CHECKING:
+    from .engine.latents import LatentImage
     from .pipeline import GenerationInterrupted, GenerationResult, NextStepPipeline, ProgressCallback
 
 # The small demo model shipped inside the package (the CLI's default model).
@@ -39,6 +40,7 @@ DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
 # name -> module that defines it, imported on first access (PEP 562)
 LAZY_NAMES = {name: "pipeline" for name in
               ("NextStepPipeline", "GenerationResult", "GenerationInterrupted", "ProgressCallback")}
+LAZY_NAMES["LatentImage"] = "engine.latents"  # light: torch only, no transformers
 
 __all__ = [
     "CFG_SCHEDULES",
@@ -49,6 +51,7 @@ __all__ = [
     "SAMPLERS",
     "GenerationInterrupted",
     "GenerationResult",
+    "LatentImage",
     "NextStepError",
     "NextStepPipeline",
     "ProgressCallback",

@@ -1,4 +1,9 @@
-"""Command line: `python -m nextstep_core generate --prompt "..." --out out.png`."""
+"""Command line: `python -m nextstep_core generate --prompt "..." --out out.png`.
+
+Given tokens (docs/given-tokens.md): `--keep-rows N --reference PATH` continues a picture
+below its first N token rows; `--region MASK --reference PATH` redraws the masked area (white
+or any nonzero pixel = redraw, `--grow N` widens it by N tokens); `--region MASK` with `--image`
+is a masked edit (outside the mask the edit image's own tokens are kept)."""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 from . import DEMO_MODEL
 from .checks import check_device, check_output_path, read_image
@@ -44,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="layer-normalise each token (default: on for 1.0, off for 1.1)")
     gen.add_argument("--velocity-norm", action="store_true", help="clamp the guided velocity's norm (1.1 option)")
     gen.add_argument("--image", help="input image for editing")
+    gen.add_argument("--reference", help="image whose tokens are kept, for --keep-rows and --region (the output "
+                     "takes its size)")
+    gen.add_argument("--keep-rows", type=int, default=0, metavar="N",
+                     help="continuation: keep the reference's first N token rows (16 px each), draw the rest")
+    gen.add_argument("--region", metavar="MASK",
+                     help="mask image of the output's size: nonzero (white) pixels are redrawn, the rest kept from "
+                          "--reference, or with --image a masked edit")
+    gen.add_argument("--grow", type=int, default=0, metavar="N", help="widen --region by N tokens")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     gen.add_argument("--device", default="cpu")
@@ -81,8 +96,11 @@ def run_generate(args) -> list[Path]:
     check_output_path(args.out)
     check_device(args.device)
     image = read_image(args.image) if args.image else None
+    reference = read_image(args.reference, "reference image") if args.reference else None
+    # a pixel nonzero in any channel is to be redrawn (a greyscale conversion could round a dark one to 0)
+    region = np.asarray(read_image(args.region, "region mask")).max(axis=-1) if args.region else None
     width, height = args.width, args.height
-    if image is None:
+    if image is None and reference is None:
         default = 64 if model == DEMO_MODEL else 256  # the demo model was trained on 64-128 px scenes
         width = default if width is None else width
         height = default if height is None else height
@@ -105,6 +123,7 @@ def run_generate(args) -> list[Path]:
         num_images=args.num_images, cfg=args.cfg, cfg_img=args.cfg_img, cfg_schedule=args.cfg_schedule,
         sampler=args.sampler, steps=args.steps, shift=args.shift, noise_level=args.noise_level,
         use_norm=args.use_norm, velocity_norm=args.velocity_norm, image=image, seed=args.seed, callback=progress,
+        reference=reference, keep_rows=args.keep_rows, region=region, grow=args.grow,
     )
     paths = output_paths(args.out, len(result.images))
     for path, picture in zip(paths, result.to_pil()):

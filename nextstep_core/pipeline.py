@@ -6,7 +6,7 @@
 
 Randomness comes only from a `torch.Generator` (CPU) seeded with `seed`, drawn in the
 reference order: (1.0 editing) one posterior draw for all image-carrying rows, then for each
-token its initial noise and one draw per stochastic step.
+sampled token its initial noise and one draw per stochastic step (given tokens draw nothing).
 """
 
 from __future__ import annotations
@@ -19,14 +19,16 @@ import torch
 from PIL import Image
 from transformers import DynamicCache, PreTrainedTokenizerBase, StaticCache
 
-from .checks import check_count, check_device, check_image_size, check_number
+from .checks import check_count, check_device, check_image_size, check_number, image_to_pixels
 from .engine.checkpoint import NextStepConfig, VersionSettings, inspect_model_folder
+from .engine.latents import LatentImage
 from .engine.model import NextStepModel, load_model, patchify, unpatchify
 from .engine.precision import for_device, parse_precision
 from .engine.prompt import IMAGE_MARKER, PLACEHOLDER, PromptRows, build_prompt_rows, load_tokenizer
 from .engine.vae import ImageTokenizer, load_image_tokenizer
 from .errors import NextStepError
 from .memory.offload import check_block_swap, enable_block_swap
+from .sampling.given import plan_given
 from .sampling.graphs import graph_mode
 from .sampling.reference_loop import decode_tokens_reference
 from .sampling.settings import CFG_SCHEDULES, RECOMMENDED_STEPS, SamplerSettings
@@ -43,7 +45,9 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 LOOPS = ("fast", "reference")
-__all__ = ["NextStepPipeline", "GenerationResult", "GenerationInterrupted", "ProgressCallback", "LOOPS"]
+__all__ = ["NextStepPipeline", "GenerationResult", "GenerationInterrupted", "LatentImage", "ProgressCallback", "LOOPS",
+           "image_to_pixels"]
+ImageInput = Image.Image | torch.Tensor | LatentImage
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -58,12 +62,15 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 class GenerationResult:
     """tokens (images, rows*cols, 64); latents (images, 16, H/8, W/8) in the tokenizer's
     normalised latent space; images (images, H, W, 3) float in [0, 1] (None if not decoded).
-    Images are ordered prompt-major: image i of prompt p is row p * images_per_prompt + i."""
+    Images are ordered prompt-major: image i of prompt p is row p * images_per_prompt + i.
+    given: (rows*cols,) bool in raster order, True where the token was given (keep_rows,
+    region), the same for every image; None when neither keep_rows nor a region was asked for."""
 
     tokens: torch.Tensor
     latents: torch.Tensor
     images: torch.Tensor | None
     token_grid: tuple[int, int]
+    given: torch.Tensor | None = None
 
     def to_pil(self) -> list[Image.Image]:
         if self.images is None:
@@ -71,20 +78,6 @@ class GenerationResult:
         arrays = (self.images.float().cpu().numpy() * 255).round().astype(np.uint8)
         return [Image.fromarray(a) for a in arrays]
 
-
-
-def image_to_pixels(image: Image.Image | torch.Tensor) -> torch.Tensor:
-    """PIL image, or float tensor (H, W, 3) / (1, H, W, 3) in [0, 1] -> pixels (1, 3, H, W) in [-1, 1]."""
-    if isinstance(image, Image.Image):
-        array = np.asarray(image.convert("RGB"), dtype=np.float32)
-        return torch.from_numpy(array).permute(2, 0, 1)[None] / 127.5 - 1
-    if isinstance(image, torch.Tensor):
-        x = image if image.dim() == 4 else image[None]
-        if x.shape[-1] != 3:
-            raise NextStepError(
-                f"input image tensor has shape {tuple(image.shape)}; expected (H, W, 3) or (1, H, W, 3)")
-        return x.permute(0, 3, 1, 2).float() * 2 - 1
-    raise NextStepError(f"input image of type {type(image).__name__} is not a PIL image or an image tensor")
 
 
 class NextStepPipeline:
@@ -175,7 +168,11 @@ class NextStepPipeline:
         noise_level: float = 0.8,
         use_norm: bool | None = None,
         velocity_norm: bool = False,
-        image: Image.Image | torch.Tensor | None = None,
+        image: ImageInput | None = None,
+        reference: ImageInput | None = None,
+        keep_rows: int = 0,
+        region: torch.Tensor | np.ndarray | Image.Image | None = None,
+        grow: int = 0,
         seed: int = 0,
         callback: ProgressCallback | None = None,
         decode: bool = True,
@@ -186,7 +183,22 @@ class NextStepPipeline:
     ) -> GenerationResult:
         """Text-to-image, or editing when `image` is given (the prompt holds one `<image>` marker).
 
-        width/height default to the input image's size when editing. Options left as None take
+        image: a PIL image, a pixel tensor (H, W, 3) in [0, 1], or a LatentImage, used as it is
+        (no encode: lossless edit chains; for 1.0 the generator still advances by the posterior
+        draw the pixel path makes, so the tokens' noise is the pixel path's).
+        Given tokens (nextstep-reference.md section 11; docs/given-tokens.md): their head is
+        not run and they draw no noise; the result's `given` marks them.
+        - keep_rows: continuation; the first keep_rows token rows (16 px each) are taken from
+          `reference` (PIL, pixel tensor or LatentImage, of the output's size; when editing,
+          the edit image unless `reference` is given);
+        - region: a mask of the output's size (tensor (H, W) / (1, H, W), > 0 = redraw; numpy
+          array; PIL image): every token whose 16x16 cell overlaps it is sampled (the cells
+          widened by `grow` tokens), the others are given from `reference`; when editing, from
+          the edit image unless `reference` says otherwise (a masked edit).
+        Tokens from pixels are the tokenizer's normalised posterior mean (no random draw);
+        from a LatentImage exactly its patchified latent.
+
+        width/height default to the input image's size when editing (else the reference's). Options left as None take
         the checkpoint version's defaults (see checkpoint.VersionSettings). Raises NextStepError
         for bad input before any model work.
 
@@ -205,18 +217,25 @@ class NextStepPipeline:
         cfg_img = (v.edit_cfg_img if editing else 1.0) if cfg_img is None else cfg_img
         use_norm = v.use_norm if use_norm is None else use_norm
         settings = self.sampler_settings(sampler, steps, shift, noise_level, velocity_norm, editing)
-        pixels = self.check_request(prompts, image, cfg, cfg_img, cfg_schedule, num_images)
+        source = self.check_request(prompts, image, cfg, cfg_img, cfg_schedule, num_images)
+        if reference is None and editing and (keep_rows or region is not None):
+            reference = image  # a masked edit keeps the edit image's own tokens
+        reference = None if reference is None else self.image_input(reference, "the reference")
         if loop not in LOOPS:
             raise NextStepError(f"loop {loop!r} is not one of {', '.join(LOOPS)}")
         graph_steps = None if loop == "reference" else graph_mode(
             graph, self.device, block_swap=getattr(self.model, "block_swap", None) is not None, compile=compile)
-        if width is None and height is None and pixels is not None:
-            height, width = pixels.shape[-2:]
+        for given_size in (self.input_size(source), self.input_size(reference)):
+            if width is None and height is None and given_size is not None:
+                width, height = given_size
         if width is None or height is None:
             raise NextStepError("give both width and height (or an input image to take them from)")
         token_grid = check_image_size(width, height, self.pixels_per_token)
-        edit_grid = (None if pixels is None
-                     else check_image_size(pixels.shape[-1], pixels.shape[-2], self.pixels_per_token))
+        edit_size = self.input_size(source)
+        edit_grid = None if edit_size is None else check_image_size(*edit_size, self.pixels_per_token)
+        given_mask = plan_given(keep_rows=keep_rows, region=region, grow=grow, has_reference=reference is not None,
+                                reference_size=self.input_size(reference), token_grid=token_grid,
+                                pixels_per_token=self.pixels_per_token)
 
         rows = build_prompt_rows(
             self.tokenizer, prompts, token_grid=token_grid, negative=negative, positive=positive,
@@ -227,13 +246,14 @@ class NextStepPipeline:
 
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         image_tokens = None
-        if pixels is not None:
-            image_tokens = self.encode_edit_image(pixels, int(rows.image_rows.sum()), generator, seed)
+        if source is not None:
+            image_tokens = self.encode_edit_image(source, int(rows.image_rows.sum()), generator, seed)
+        given_tokens = None if given_mask is None else self.reference_tokens(reference)
         static = loop == "fast" and (not exact or graph_steps is not None)
         static_tokens = token_grid[0] * token_grid[1] if static else None
         hidden, cache, mask = self.prefill(rows, image_tokens, static_tokens)
         request = DecodeRequest(rows, token_grid, num_images, len(prompts), cfg, cfg_img, cfg_schedule, settings,
-                                use_norm, generator, callback)
+                                use_norm, generator, callback, given_tokens, given_mask)
         with cpu_threads(1 if runs_best_on_one_thread(self.model, self.device) else None):  # small models, CPU
             if loop == "reference":
                 tokens = decode_tokens_reference(self.model, self.version, hidden, cache, mask, request)
@@ -245,10 +265,38 @@ class NextStepPipeline:
         if decode:
             pixels_out = self.image_tokenizer.decode(latents.to(self.dtype))
             images = ((pixels_out.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
-        return GenerationResult(tokens, latents, images, token_grid)
+        return GenerationResult(tokens, latents, images, token_grid, given_mask)
 
-    def check_request(self, prompts: list[str], image: Image.Image | torch.Tensor | None, cfg: float, cfg_img: float,
-                      cfg_schedule: str, num_images: int) -> torch.Tensor | None:
+    def image_input(self, image: ImageInput, what: str) -> torch.Tensor | LatentImage:
+        """An image argument as pixels (1, 3, H, W) in [-1, 1], or the LatentImage checked against
+        the image tokenizer's channels."""
+        if not isinstance(image, LatentImage):
+            return image_to_pixels(image)
+        channels = self.image_tokenizer.config.z_channels
+        if image.channels != channels:
+            raise NextStepError(f"{what} LatentImage has {image.channels} channels but this model's image tokenizer "
+                                f"makes {channels}: use a latent of this model")
+        return image
+
+    def input_size(self, image: torch.Tensor | LatentImage | None) -> tuple[int, int] | None:
+        """(width, height) in pixels of a checked image input."""
+        if image is None:
+            return None
+        if isinstance(image, LatentImage):
+            return image.pixel_size(self.image_tokenizer.config.downsample)
+        return image.shape[-1], image.shape[-2]
+
+    def reference_tokens(self, reference: torch.Tensor | LatentImage) -> torch.Tensor:
+        """The given tokens (num_tokens, token_dim): a LatentImage's patchified latent, exactly;
+        pixels' normalised posterior MEAN (no random draw), patchified."""
+        if isinstance(reference, LatentImage):
+            latent = reference.latent.to(self.device, self.dtype)
+        else:
+            latent = self.image_tokenizer.encode(reference.to(self.device, self.dtype))
+        return patchify(latent, self.model.config.latent_patch_size)[0]
+
+    def check_request(self, prompts: list[str], image: ImageInput | None, cfg: float, cfg_img: float,
+                      cfg_schedule: str, num_images: int) -> torch.Tensor | LatentImage | None:
         if not prompts:
             raise NextStepError("no prompt given")
         check_number("cfg", cfg, minimum=1, hint=" (1 turns text guidance off)")
@@ -265,7 +313,7 @@ class NextStepPipeline:
             raise NextStepError("an input image was given but the edit prompt has no `<image>` marker")
         if any(m > 1 for m in markers):
             raise NextStepError(f"the edit prompt has {max(markers)} `<image>` markers; use exactly one")
-        return image_to_pixels(image)
+        return self.image_input(image, "the edit image")
 
     def check_sequence_length(self, rows: PromptRows, token_grid: tuple[int, int]) -> None:
         num_tokens = token_grid[0] * token_grid[1]
@@ -283,17 +331,24 @@ class NextStepPipeline:
                 f"the model's positions allow {limit}: use a smaller image or a shorter prompt"
             )
 
-    def encode_edit_image(self, pixels: torch.Tensor, image_rows: int, generator: torch.Generator,
+    def encode_edit_image(self, image: torch.Tensor | LatentImage, image_rows: int, generator: torch.Generator,
                           seed: int) -> torch.Tensor:
-        """Input image -> (image_rows, tokens, 64), one posterior sample per image-carrying row."""
-        pixels = pixels.to(self.device, self.dtype).expand(image_rows, -1, -1, -1)
+        """Input image -> (image_rows, tokens, 64), one posterior sample per image-carrying row;
+        a LatentImage's own patchified latent on every such row (no posterior sample)."""
         vae = self.image_tokenizer.config
-        grid = (image_rows, vae.z_channels, pixels.shape[-2] // vae.downsample, pixels.shape[-1] // vae.downsample)
+        width, height = self.input_size(image)
+        grid = (image_rows, vae.z_channels, height // vae.downsample, width // vae.downsample)
         # 1.0 draws the posterior noise from the seeded stream even for a deterministic tokenizer;
         # 1.1 encodes before seeding, so its draw must not touch the token stream.
         source = generator if self.version.posterior_draw_on_seeded_stream else torch.Generator().manual_seed(seed)
+        if isinstance(image, LatentImage):
+            if source is generator:  # the pixel path's draw, discarded: the token noise stays the same stream
+                torch.randn(grid, generator=generator)
+            latents = image.latent.to(self.device, self.dtype).expand(image_rows, -1, -1, -1)
+            return patchify(latents, self.model.config.latent_patch_size)
         noise = torch.randn(grid, generator=source).to(self.device, self.dtype)
-        latents = self.image_tokenizer.encode(pixels, noise=noise)
+        latents = self.image_tokenizer.encode(image.to(self.device, self.dtype).expand(image_rows, -1, -1, -1),
+                                              noise=noise)
         return patchify(latents, self.model.config.latent_patch_size)
 
     def prefill(self, rows: PromptRows, image_tokens: torch.Tensor | None,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from comfy_api.latest import io
 from comfy_execution.utils import get_executing_context
 
@@ -19,13 +18,12 @@ from ..nextstep_core.checks import check_image_size
 from ..nextstep_core.demo.vocabulary import demo_model_warning
 from ..nextstep_core.engine.prompt import IMAGE_MARKER
 from ..nextstep_core.errors import NextStepError
-from .latent import from_latent_dict, to_latent_dict
+from .latent import to_latent_dict
 from .model import LoadedNextStep, NextStepModelType, load_onto_device, release_swap
 from .preview import TokenProgress
-from .vae import decode_latents
+from .reference import PIXELS_PER_TOKEN, reference_input, region_mask
 
 MAX_SIZE = 4096
-PIXELS_PER_TOKEN = 16  # 8 (autoencoder) x 2 (token patch), the same for every released checkpoint
 USE_NORM = {"auto": None, "on": True, "off": False}
 
 
@@ -98,13 +96,17 @@ def warn_about_unknown_words(pipe, prompt: str) -> None:
 
 def generate(model: LoadedNextStep, prompt: str, *, width: int, height: int, image=None, negative="", positive="",
              batch_size, seed, cfg, cfg_img=None, steps, sampler, shift, noise_level, cfg_schedule, use_norm,
-             velocity_norm) -> dict:
-    """Run the engine with progress and interrupt wired to ComfyUI; returns a LATENT dict."""
+             velocity_norm, reference=None, keep_rows=0, region=None, grow=0) -> dict:
+    """Run the engine with progress and interrupt wired to ComfyUI; returns a LATENT dict.
+
+    image: the edit reference; reference, keep_rows, region, grow: the given tokens (continuation,
+    region redraw, masked edit), passed to the engine as they are."""
     pipe = model.pipe
     grid = check_image_size(width, height, pipe.pixels_per_token)
     warn_about_unknown_words(pipe, prompt)
     progress = TokenProgress(model.vae, grid, pipe.model.config.latent_patch_size)
-    if image is not None or progress.previews:  # the tokenizer encodes the reference / fits the preview colours
+    if image is not None or reference is not None or progress.previews:
+        # the tokenizer encodes a pixel reference / fits the preview colours
         load_onto_device(model.patcher, model.vae.patcher)
     else:
         load_onto_device(model.patcher)
@@ -113,6 +115,7 @@ def generate(model: LoadedNextStep, prompt: str, *, width: int, height: int, ima
         num_images=batch_size, cfg=cfg, cfg_img=cfg_img, cfg_schedule=cfg_schedule, sampler=sampler,
         steps=steps or None, shift=shift or None, noise_level=noise_level, use_norm=USE_NORM[use_norm],
         velocity_norm=velocity_norm, image=image, seed=seed, callback=progress, decode=False,
+        reference=reference, keep_rows=keep_rows, region=region, grow=grow,
     )
     release_swap(model)
     return to_latent_dict(result.latents, model.vae.config)
@@ -166,21 +169,6 @@ def edit_prompt(instruction: str) -> str:
     return instruction if IMAGE_MARKER in instruction else IMAGE_MARKER + instruction
 
 
-def reference_image(model: LoadedNextStep, image, latent) -> torch.Tensor:
-    """The one reference picture (1, H, W, 3) in [0, 1], from the IMAGE or the LATENT input."""
-    if image is not None and latent is not None:
-        raise NextStepError("connect either the image or the latent reference of NextStep Edit Image, not both")
-    if image is None and latent is None:
-        raise NextStepError("NextStep Edit Image needs a reference: connect an image or a latent")
-    if latent is not None:
-        # The engine encodes the reference itself (with its own posterior draw): give it the pixels.
-        image = decode_latents(model.vae, from_latent_dict(latent, model.vae.config, "reference latent"))
-    if image.shape[0] != 1:
-        raise NextStepError(f"the reference holds {image.shape[0]} images; NextStep Edit Image edits one image at a "
-                            "time (use batch_size for several results)")
-    return image[..., :3]
-
-
 class NextStepEditImage(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -189,7 +177,8 @@ class NextStepEditImage(io.ComfyNode):
             display_name="NextStep Edit Image",
             category="NextStep",
             description="Edits a reference image by an instruction with an editing model (NextStep-1-Large-Edit). "
-                        "The reference can be an IMAGE or a LATENT from another NextStep node, so edit passes chain.",
+                        "The reference can be an IMAGE or a LATENT from another NextStep node, so edit passes chain "
+                        "in latent space. With a mask, only the masked region is edited.",
             inputs=[
                 NextStepModelType.Input("model", tooltip="An editing model from Load NextStep Model "
                                                           "(NextStep-1-Large-Edit)."),
@@ -200,7 +189,12 @@ class NextStepEditImage(io.ComfyNode):
                 io.Image.Input("image", optional=True, tooltip="The image to edit (or connect a latent instead)."),
                 io.Latent.Input("latent", optional=True,
                                 tooltip="The latent to edit, e.g. the output of another NextStep node "
-                                        "(or connect an image instead)."),
+                                        "(or connect an image instead). Used as it is: no decode and "
+                                        "encode round trip."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Optional: edit only here (> 0: redraw; e.g. Load Image's MASK, painted "
+                                      "in its mask editor). Outside it the reference is kept token for token. "
+                                      "The mask must have the output's size."),
             ],
             outputs=[io.Latent.Output(tooltip="The edited latent (16 channels, Flux layout).")],
         )
@@ -217,13 +211,15 @@ class NextStepEditImage(io.ComfyNode):
     @classmethod
     def execute(cls, model, instruction, negative, width, height, batch_size, seed, cfg, cfg_img, steps, sampler,
                 shift, noise_level, cfg_schedule, use_norm, velocity_norm, positive="", image=None,
-                latent=None) -> io.NodeOutput:
+                latent=None, mask=None) -> io.NodeOutput:
         prompt = edit_prompt(instruction)
-        reference = reference_image(model, image, latent)
-        width = width or reference.shape[2]
-        height = height or reference.shape[1]
+        reference = reference_input(model, image, latent, "NextStep Edit Image")
+        width = width or reference.width
+        height = height or reference.height
+        region = None if mask is None else region_mask(mask, width, height, "NextStep Edit Image")
         return io.NodeOutput(generate(
-            model, prompt, width=width, height=height, image=reference, negative=negative, positive=positive,
+            model, prompt, width=width, height=height, image=reference.source, region=region,
+            negative=negative, positive=positive,
             batch_size=batch_size, seed=seed, cfg=cfg, cfg_img=cfg_img, steps=steps, sampler=sampler, shift=shift,
             noise_level=noise_level, cfg_schedule=cfg_schedule, use_norm=use_norm, velocity_norm=velocity_norm))
 

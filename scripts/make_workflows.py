@@ -6,6 +6,10 @@ The graphs are described below by node, widget name and link; widget ORDER, sock
 defaults come from the /object_info of a real ComfyUI started with this pack, so the files
 match what the frontend itself would save. ComfyUI 0.3.75 serves a custom node's `workflows/`
 folder in its template browser (under the pack's folder name), with `<name>.jpg` as thumbnail.
+Workflows that run on the embedded demo model ("run": True) are run in that server and their
+thumbnail shows the input picture and the saved outputs; the others (they need downloaded
+checkpoints) get a drawn card. The example input pictures go to workflows/input/, which the
+pack copies into ComfyUI's input folder at start-up (nodes/examples.py).
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "comfy"))
+sys.path.insert(0, str(REPO))  # nextstep_core, for the example pictures
 
 from comfy_harness import PACK_NAME, ComfyServer  # noqa: E402
 from workflow_convert import extra_values, input_specs, is_widget  # noqa: E402
+from workflow_examples import MASKED_SCENE, SCENE, run_for_thumbnail, write_example_inputs  # noqa: E402
 
-OUT = REPO / "workflows"
+OUT = REPO / "workflows"  # and OUT/input: the example pictures the workflows load
 COLUMN = 420
 
 LOADER = {"tokenizer": "auto", "dtype": "auto", "version": "auto", "block_swap": -1}
@@ -80,17 +86,20 @@ WORKFLOWS = {
     },
     "NextStep_three_pass_edit_chain": {
         "title": "NextStep: three edit passes in a chain",
-        "note": "Each pass edits the previous pass's LATENT, so the three instructions pile up; every pass "
-                "is saved. Uses NextStep-1-Large-Edit (see the edit workflow for where its files go). Seeds "
-                "are fixed so that changing one instruction re-runs only that pass and the ones after it.",
+        "note": "Each pass edits the previous pass's LATENT as it is (no decode to pixels and encode back between "
+                "passes, so nothing blurs on the way), and every pass is saved. The picture is encoded once, by "
+                "NextStep VAE Encode. Runs on the demo model; for real pictures load NextStep-1-Large-Edit (see the "
+                "edit workflow for where its files go) and write real instructions. Seeds are fixed so that "
+                "changing one instruction re-runs only that pass and the ones after it.",
+        "run": True,
         "nodes": [
-            (1, "NextStepModelLoader", (0, 0), {"model_name": "NextStep-1-Large-Edit", **LOADER}),
-            (2, "LoadImage", (0, 1), {"image": EDIT_IMAGE}),
-            (3, "NextStepEditImage", (1, 0), {"instruction": "Make the background a sunny beach", "seed": 1},
-             "fixed"),
-            (4, "NextStepEditImage", (2, 0), {"instruction": "Add sunglasses", "seed": 2}, "fixed"),
-            (5, "NextStepEditImage", (3, 0), {"instruction": "Turn it into a watercolor painting", "seed": 3},
-             "fixed"),
+            (1, "NextStepModelLoader", (0, 0), {"model_name": "nextstep-demo", **LOADER}),
+            (2, "LoadImage", (0, 1), {"image": SCENE}),
+            (12, "NextStepVAEEncode", (0, 2), {}),
+            (3, "NextStepEditImage", (1, 0), {"instruction": "make the red circle green", "seed": 1}, "fixed"),
+            (4, "NextStepEditImage", (2, 0), {"instruction": "add a small yellow triangle at the top right",
+                                              "seed": 2}, "fixed"),
+            (5, "NextStepEditImage", (3, 0), {"instruction": "remove the blue square", "seed": 3}, "fixed"),
             (6, "NextStepVAEDecode", (1, 2), {}),
             (7, "NextStepVAEDecode", (2, 2), {}),
             (8, "NextStepVAEDecode", (3, 2), {}),
@@ -98,11 +107,67 @@ WORKFLOWS = {
             (10, "SaveImage", (2, 3), {"filename_prefix": "NextStep/chain_pass2"}),
             (11, "SaveImage", (3, 3), {"filename_prefix": "NextStep/chain_pass3"}),
         ],
-        "links": [(1, 0, 3, "model"), (1, 0, 4, "model"), (1, 0, 5, "model"), (2, 0, 3, "image"),
+        "links": [(1, 0, 3, "model"), (1, 0, 4, "model"), (1, 0, 5, "model"), (1, 1, 12, "vae"),
+                  (2, 0, 12, "pixels"), (12, 0, 3, "latent"),
                   (3, 0, 4, "latent"), (4, 0, 5, "latent"),
                   (1, 1, 6, "vae"), (1, 1, 7, "vae"), (1, 1, 8, "vae"),
                   (3, 0, 6, "samples"), (4, 0, 7, "samples"), (5, 0, 8, "samples"),
                   (6, 0, 9, "images"), (7, 0, 10, "images"), (8, 0, 11, "images")],
+    },
+    "NextStep_demo_continue_image": {
+        "title": "NextStep demo: continue an image",
+        "note": "Keeps the top keep_rows image-token rows of the picture (16 pixels each; 2 keeps the top 32) and "
+                "lets the model draw the rest below them, following the prompt. The kept rows come back "
+                "unchanged. Runs on the demo model; for real pictures load NextStep-1.1 and your own image "
+                "(sides that are multiples of 16).",
+        "run": True,
+        "nodes": [
+            (1, "NextStepModelLoader", (0, 0), {"model_name": "nextstep-demo", **LOADER}),
+            (2, "LoadImage", (0, 1), {"image": SCENE}),
+            (3, "NextStepContinueImage", (1, 0), {
+                "prompt": "a large red circle on the left and a small yellow triangle at the bottom right, "
+                          "on a white background", "keep_rows": 2, "seed": 4}),
+            (4, "NextStepVAEDecode", (2, 0), {}),
+            (5, "SaveImage", (3, 0), {"filename_prefix": "NextStep/continued"}),
+        ],
+        "links": [(1, 0, 3, "model"), (2, 0, 3, "image"), (1, 1, 4, "vae"), (3, 0, 4, "samples"),
+                  (4, 0, 5, "images")],
+    },
+    "NextStep_demo_regenerate_region": {
+        "title": "NextStep demo: regenerate a masked region",
+        "note": "Redraws the masked region with the prompt and keeps everything else token for token. The mask "
+                "is Load Image's MASK output: right-click Load Image, Open in MaskEditor, paint the area to "
+                "redraw and save (the example picture comes with its bottom right corner painted). Every 16x16 "
+                "token the mask touches is redrawn; grow widens the region by whole tokens. Runs on the demo "
+                "model; for real pictures load NextStep-1.1.",
+        "run": True,
+        "nodes": [
+            (1, "NextStepModelLoader", (0, 0), {"model_name": "nextstep-demo", **LOADER}),
+            (2, "LoadImage", (0, 1), {"image": MASKED_SCENE}),
+            (3, "NextStepRegenerateRegion", (1, 0), {
+                "prompt": "a large red circle on the left and a small yellow triangle at the bottom right, "
+                          "on a white background", "seed": 5}),
+            (4, "NextStepVAEDecode", (2, 0), {}),
+            (5, "SaveImage", (3, 0), {"filename_prefix": "NextStep/region"}),
+        ],
+        "links": [(1, 0, 3, "model"), (2, 0, 3, "image"), (2, 1, 3, "mask"), (1, 1, 4, "vae"),
+                  (3, 0, 4, "samples"), (4, 0, 5, "images")],
+    },
+    "NextStep_demo_masked_edit": {
+        "title": "NextStep demo: edit inside a mask",
+        "note": "Edits only inside the mask (Load Image's MASK output: paint the area in its mask editor; the "
+                "example picture comes with its bottom right corner painted); outside it the picture is kept "
+                "token for token. Runs on the demo model; for real pictures load NextStep-1-Large-Edit.",
+        "run": True,
+        "nodes": [
+            (1, "NextStepModelLoader", (0, 0), {"model_name": "nextstep-demo", **LOADER}),
+            (2, "LoadImage", (0, 1), {"image": MASKED_SCENE}),
+            (3, "NextStepEditImage", (1, 0), {"instruction": "make the blue square green", "seed": 6}),
+            (4, "NextStepVAEDecode", (2, 0), {}),
+            (5, "SaveImage", (3, 0), {"filename_prefix": "NextStep/masked_edit"}),
+        ],
+        "links": [(1, 0, 3, "model"), (2, 0, 3, "image"), (2, 1, 3, "mask"), (1, 1, 4, "vae"),
+                  (3, 0, 4, "samples"), (4, 0, 5, "images")],
     },
     "NextStep_to_Flux_img2img_refine": {
         "title": "NextStep-1.1 composes, Flux refines",
@@ -219,19 +284,25 @@ def thumbnail(spec: dict, object_info: dict, path: Path) -> None:
 
 def main() -> None:
     OUT.mkdir(exist_ok=True)
+    write_example_inputs(OUT / "input")
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         (base / "custom_nodes").mkdir()
         (base / "custom_nodes" / PACK_NAME).symlink_to(REPO, target_is_directory=True)
-        server = ComfyServer(base).start()
+        server = ComfyServer(base).start()  # the pack copies workflows/input/ into its input folder
         try:
             object_info = server.get("/object_info")
+            for name, spec in WORKFLOWS.items():
+                workflow = build(spec, object_info)
+                (OUT / f"{name}.json").write_text(json.dumps(workflow, indent=1) + "\n")
+                if spec.get("run"):  # a thumbnail of what the workflow really gives, on the demo model
+                    run_for_thumbnail(server, workflow, object_info, spec["title"], OUT / f"{name}.jpg",
+                                      OUT / "input")
+                else:
+                    thumbnail(spec, object_info, OUT / f"{name}.jpg")
+                print("wrote", OUT / f"{name}.json")
         finally:
             server.stop()
-    for name, spec in WORKFLOWS.items():
-        (OUT / f"{name}.json").write_text(json.dumps(build(spec, object_info), indent=1) + "\n")
-        thumbnail(spec, object_info, OUT / f"{name}.jpg")
-        print("wrote", OUT / f"{name}.json")
 
 
 if __name__ == "__main__":

@@ -15,14 +15,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_every_exported_name_resolves():
     for name in nextstep_core.__all__:
         assert getattr(nextstep_core, name) is not None, name
-    from nextstep_core import GenerationResult, NextStepError, NextStepPipeline, SamplerSettings
+    from nextstep_core import GenerationResult, LatentImage, NextStepError, NextStepPipeline, SamplerSettings
+    from nextstep_core.engine.latents import LatentImage as defined_latent
     from nextstep_core.errors import NextStepError as defined_error
     from nextstep_core.pipeline import GenerationResult as defined_result
     from nextstep_core.pipeline import NextStepPipeline as defined_pipeline
     from nextstep_core.sampling.settings import SamplerSettings as defined_settings
 
-    assert (NextStepPipeline, GenerationResult, NextStepError, SamplerSettings) == (
-        defined_pipeline, defined_result, defined_error, defined_settings)
+    assert (NextStepPipeline, GenerationResult, NextStepError, SamplerSettings, LatentImage) == (
+        defined_pipeline, defined_result, defined_error, defined_settings, defined_latent)
     assert (nextstep_core.DEMO_MODEL / "config.json").is_file()
 
 
@@ -34,6 +35,7 @@ def test_unknown_names_raise_attribute_error():
 def test_importing_the_package_loads_no_model_libraries():
     code = ("import sys, nextstep_core; "
             "print(sorted(m for m in ('transformers', 'diffusers') if m in sys.modules)); "
+            "nextstep_core.LatentImage; print(sorted(m for m in ('transformers', 'diffusers') if m in sys.modules)); "
             "nextstep_core.NextStepPipeline; print('transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert out.split("\n")[:2] == ["[]", "True"]
+    assert out.split("\n")[:3] == ["[]", "[]", "True"]

@@ -1,5 +1,5 @@
 """The token loop exactly as the contract describes it, one line per rule (nextstep-reference.md
-sections 4-8): per token the whole flow net runs at every sampler step (time embedding,
+sections 4-8, and 11 for given tokens): per token the whole flow net runs at every sampler step (time embedding,
 condition embedding, every block), the attention mask grows by one column and the position is
 worked out anew. generate(loop="reference") runs it; the default fast loop (token_loop.py) is
 tested against it bit for bit and benchmarks/ measure against it. Both use the same prepared
@@ -56,14 +56,18 @@ def decode_tokens_reference(model, version, hidden: torch.Tensor, cache, mask: t
     sampler = prepare_sampler(request.settings)
     tokens = torch.empty(request.images, request.num_tokens, token_dim, device=device, dtype=dtype)
     length = request.rows.input_ids.shape[1]
+    given = request.given_feed(dtype, device)
     for k in range(request.num_tokens):
-        condition = model.head_condition(hidden, k)
-        scale, scale_img = guidance_scales(k, request.num_tokens, request.cfg, request.cfg_img, request.cfg_schedule,
-                                           version.rising_linear_schedule)
-        token = sample_token(model.image_head.net, condition, branches=request.branches, cfg=scale, cfg_img=scale_img,
-                             sampler=sampler, noise=noise, state_dtype=state_dtype)
-        if request.use_norm:
-            token = normalize_token(token)
+        if given[k]:  # section 11: no head, no noise; the token as given, never re-normalised
+            token = given.token(k)
+        else:
+            condition = model.head_condition(hidden, k)
+            scale, scale_img = guidance_scales(k, request.num_tokens, request.cfg, request.cfg_img,
+                                               request.cfg_schedule, version.rising_linear_schedule)
+            token = sample_token(model.image_head.net, condition, branches=request.branches, cfg=scale,
+                                 cfg_img=scale_img, sampler=sampler, noise=noise, state_dtype=state_dtype)
+            if request.use_norm:
+                token = normalize_token(token)
         tokens[:, k] = token
         report_progress(request, tokens, k + 1)
         if k + 1 == request.num_tokens:

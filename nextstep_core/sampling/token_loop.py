@@ -23,6 +23,7 @@ import torch
 from ..engine.head import SMALL_WEIGHT_BYTES, TokenHead
 from ..engine.prompt import PromptRows
 from ..errors import NextStepError
+from .given import GivenFeed
 from .graphs import GraphedStep
 from .settings import SamplerSettings
 from .token_step import TokenStep
@@ -41,6 +42,9 @@ class DecodeRequest:
 
     rows: the prompt rows (rows = branches * prompts * images_per_prompt, branch-major).
     token_grid: (rows, cols) of image tokens. scales: cfg, cfg_img and their schedule.
+    given_tokens (num_tokens, token_dim) or (images, num_tokens, token_dim) and given_mask
+    (num_tokens,) bool: positions whose token is given (sampling/given.py; None: none). The
+    `linear` cfg schedule keeps k = the position index whether or not earlier ones were given.
     """
 
     rows: PromptRows
@@ -54,6 +58,11 @@ class DecodeRequest:
     use_norm: bool
     generator: torch.Generator
     callback: ProgressCallback | None = None
+    given_tokens: torch.Tensor | None = None
+    given_mask: torch.Tensor | None = None
+
+    def given_feed(self, dtype: torch.dtype, device) -> GivenFeed:
+        return GivenFeed(self.given_tokens, self.given_mask, self.images, self.num_tokens, dtype, device)
 
     @property
     def num_tokens(self) -> int:
@@ -150,6 +159,10 @@ def decode_tokens(model, version, hidden: torch.Tensor, cache, mask: torch.Tenso
     torch.compile the head step. graph: how the steps after the first run (graphs.graph_mode):
     None eagerly, "cuda" as one CUDA graph replayed per token, "recorded" as the recorded replay;
     graphs need the StaticCache the pipeline allocates for them.
+
+    Given positions (request.given_mask): no head, no noise drawn; for k >= 1 the step's feed
+    part alone runs (eagerly, also in graph mode: it writes the same cache and buffers the
+    captured step reads), and the given token is the output and the next token fed.
     """
     dtype = model.image_in_projector.weight.dtype
     device = hidden.device
@@ -160,10 +173,18 @@ def decode_tokens(model, version, hidden: torch.Tensor, cache, mask: torch.Tenso
         compile_head(step.velocity.head, device)
     run = GraphedStep(step, graph) if graph is not None else step
     tokens = torch.empty(request.images, request.num_tokens, model.config.token_dim, device=device, dtype=dtype)
-    step.prepare(0)
-    token = step.sample(hidden)
+    given = request.given_feed(dtype, device)
+    token = None
     for k in range(request.num_tokens):
-        if k:
+        if given[k]:
+            if k:
+                step.prepare(k, sample=False)
+                step.feed(token)
+            token = given.token(k)
+        elif k == 0:
+            step.prepare(0)
+            token = step.sample(hidden)
+        else:
             step.prepare(k)
             token = run(token)
         tokens[:, k] = token

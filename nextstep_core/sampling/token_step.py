@@ -11,6 +11,10 @@ index, the guidance scales (when they vary) and the token's noise, drawn from th
 generator in the contract's order. With a StaticCache (`static=True`) every shape is fixed and
 the step reads nothing else that changes, so it can be captured once as a CUDA graph and
 replayed for every later token (graphs.py); elsewhere the same function runs eagerly.
+
+At a given position (sampling/given.py) the loop calls `prepare(k, sample=False)` and `feed`
+alone: no noise is drawn and no head runs; the feed writes the same cache and buffers the
+captured step reads.
 """
 
 from __future__ import annotations
@@ -113,9 +117,20 @@ class TokenStep:
         self.scale_buffer = torch.ones(2, dtype=torch.float32, device=device) if varying else None
         self.scales: tuple = (request.cfg, request.cfg_img)
 
-    def prepare(self, k: int) -> None:
+    def prepare(self, k: int, sample: bool = True) -> None:
         """Fill the buffers for token k: its noise, head position and guidance scales and, for
-        k >= 1, the position and mask column of token k - 1, which the step feeds."""
+        k >= 1, the position and mask column of token k - 1, which the step feeds.
+
+        sample=False (a given token k): only the feed's position and mask; no noise is drawn."""
+        if sample:
+            self.prepare_sample(k)
+        if k >= 1:
+            self.fed = k
+            self.position.fill_(self.length + k - 1)
+            if self.static:
+                self.mask[:, 0, 0, self.length + k - 1] = True
+
+    def prepare_sample(self, k: int) -> None:
         request = self.request
         self.noise_blocks.copy_(self.noise_stream.blocks(self.noise_blocks.shape[0]))
         self.token_index.fill_(k)
@@ -126,11 +141,6 @@ class TokenStep:
             self.scales = tuple(self.scale_buffer.unbind(0))
         else:
             self.scales = scales
-        if k >= 1:
-            self.fed = k
-            self.position.fill_(self.length + k - 1)
-            if self.static:
-                self.mask[:, 0, 0, self.length + k - 1] = True
 
     def draw_noise(self) -> torch.Tensor:
         block = self.noise_blocks[self.noise_drawn]

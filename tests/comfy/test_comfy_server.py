@@ -12,7 +12,13 @@ NODES = {
                             "sampler", "shift", "noise_level", "cfg_schedule", "use_norm", "velocity_norm", "positive"],
     "NextStepEditImage": ["model", "instruction", "negative", "width", "height", "batch_size", "seed", "cfg", "cfg_img",
                           "steps", "sampler", "shift", "noise_level", "cfg_schedule", "use_norm", "velocity_norm",
-                          "positive", "image", "latent"],
+                          "positive", "image", "latent", "mask"],
+    "NextStepContinueImage": ["model", "prompt", "negative", "keep_rows", "batch_size", "seed", "cfg", "steps",
+                              "sampler", "shift", "noise_level", "cfg_schedule", "use_norm", "velocity_norm",
+                              "positive", "image", "latent"],
+    "NextStepRegenerateRegion": ["model", "prompt", "negative", "mask", "grow", "batch_size", "seed", "cfg", "steps",
+                                 "sampler", "shift", "noise_level", "cfg_schedule", "use_norm", "velocity_norm",
+                                 "positive", "image", "latent"],
     "NextStepVAEEncode": ["vae", "pixels"],
     "NextStepVAEDecode": ["vae", "samples"],
 }
@@ -48,4 +54,10 @@ def test_object_info_lists_every_node_with_inputs(comfy):
     assert (width["step"], width["min"]) == (16, 16)
     assert info["NextStepTextToImage"]["output"] == ["LATENT"]
     assert info["NextStepEditImage"]["output"] == ["LATENT"]
+    assert info["NextStepContinueImage"]["output"] == ["LATENT"]
+    assert info["NextStepRegenerateRegion"]["output"] == ["LATENT"]
+    assert info["NextStepContinueImage"]["display_name"] == "NextStep Continue Image"
+    assert info["NextStepRegenerateRegion"]["display_name"] == "NextStep Regenerate Region"
+    assert info["NextStepRegenerateRegion"]["input"]["required"]["mask"][0] == "MASK"
+    assert info["NextStepEditImage"]["input"]["optional"]["mask"][0] == "MASK"
     assert info["NextStepVAEDecode"]["output"] == ["IMAGE"]

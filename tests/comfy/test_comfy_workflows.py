@@ -30,7 +30,7 @@ def shrink(prompt: dict) -> dict:
         if node["class_type"].startswith("NextStep") and "steps" in node["inputs"]:
             node["inputs"]["steps"] = 2
             for side in ("width", "height"):
-                if node["inputs"][side] > 64:
+                if node["inputs"].get(side, 0) > 64:
                     node["inputs"][side] = max(2, node["inputs"][side] // 256) * 16
     return prompt
 
@@ -40,8 +40,11 @@ def expected_size(prompt: dict, node_id: str) -> tuple[int, int]:
     node = prompt[node_id]
     inputs, kind = node["inputs"], node["class_type"]
     if kind == "LoadImage":
-        assert inputs["image"] == EXAMPLE_IMAGE
-        return EXAMPLE_SIZE
+        if inputs["image"] == EXAMPLE_IMAGE:
+            return EXAMPLE_SIZE
+        from PIL import Image  # one of the pack's own example inputs (workflows/input/)
+
+        return Image.open(REPO / "workflows" / "input" / inputs["image"]).size
     if kind in ("NextStepTextToImage", "NextStepEditImage") and inputs["width"] and inputs["height"]:
         return inputs["width"], inputs["height"]
     for name in ("images", "samples", "pixels", "image", "latent"):
@@ -103,3 +106,45 @@ def test_edit_chain_third_pass_depends_on_the_first_instruction(comfy):
     changed = copy.deepcopy(prompt)
     changed[edits[0]]["inputs"]["instruction"] = "Make the background snowy mountains"
     assert third_output(changed) != before
+
+
+def test_example_inputs_are_copied_into_the_input_folder_and_listed_by_load_image(comfy):
+    shipped = sorted(p.name for p in (REPO / "workflows" / "input").glob("*.png"))
+    assert shipped
+    choices = comfy.get("/object_info/LoadImage")["LoadImage"]["input"]["required"]["image"][0]
+    for name in shipped:
+        assert (comfy.base / "input" / name).read_bytes() == (REPO / "workflows" / "input" / name).read_bytes()
+        assert name in choices
+    used = {n["widgets_values"][0] for p in WORKFLOWS for n in load(p)["nodes"] if n["type"] == "LoadImage"}
+    assert used <= {EXAMPLE_IMAGE, *shipped}
+
+
+def test_a_users_own_input_of_the_same_name_is_never_overwritten(tmp_path):
+    import importlib.util
+
+    # nodes/examples.py alone (it imports nothing of the pack or of ComfyUI when given a folder)
+    spec = importlib.util.spec_from_file_location("nextstep_examples", REPO / "nodes" / "examples.py")
+    examples = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(examples)
+    name = next((REPO / "workflows" / "input").glob("*.png")).name
+    (tmp_path / name).write_bytes(b"the user's own")
+    copied = examples.install_example_inputs(tmp_path)
+    assert (tmp_path / name).read_bytes() == b"the user's own"
+    assert name not in {p.name for p in copied} and copied
+
+
+def test_the_masked_example_input_carries_its_mask_in_the_alpha_channel():
+    from PIL import Image
+
+    picture = Image.open(REPO / "workflows" / "input" / "NextStep_demo_scene_masked.png")
+    alpha = picture.getchannel("A")
+    assert picture.mode == "RGBA" and alpha.getextrema() == (0, 255)  # Load Image's MASK: 1 where alpha is 0
+
+
+def test_edit_chain_passes_latents_from_pass_to_pass(comfy):
+    workflow = load(REPO / "workflows" / "NextStep_three_pass_edit_chain.json")
+    edits = [n for n in workflow["nodes"] if n["type"] == "NextStepEditImage"]
+    assert len(edits) == 3
+    for node in edits:
+        sockets = {s["name"]: s["link"] for s in node["inputs"]}
+        assert sockets["latent"] is not None and sockets["image"] is None
