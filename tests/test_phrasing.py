@@ -20,7 +20,7 @@ from nextstep_core.demo.phrasing import (
     random_phrasing,
     scene_request,
 )
-from nextstep_core.demo.scenes import PALETTE, Scene, SceneObject, caption, random_edit, random_scene, render
+from nextstep_core.demo.scenes import Scene, SceneObject, caption, random_edit, random_scene, render
 from nextstep_core.demo.tiny_tokenizer import write_tiny_tokenizer
 from nextstep_core.engine.prompt import SpecialIds, load_tokenizer
 
@@ -132,7 +132,7 @@ def test_held_out_free_sets_are_fixed_and_use_every_form():
     assert free_phrased_captions(12, (64, 64)) != free_phrased_captions(12, (96, 96))
     edits = free_phrased_edits(24)
     assert [e[0] for e in edits] == [*FORMS, *FORMS]
-    for form, source, text, objects, background in edits:
+    for _, source, text, objects, background in edits:
         assert source.size == (64, 64) and text and objects and background is not None
 
 
