@@ -4,7 +4,6 @@ loops are plain generation bit for bit; given tokens come back bit-identical; th
 sampled positions draw exactly their own noise, in order, and the head never runs at a given
 position."""
 
-import contextlib
 
 import pytest
 import torch
@@ -177,23 +176,12 @@ def test_latent_reference_tokens_are_the_latent_exactly_and_chain_losslessly(pip
     assert torch.equal(again.latents[..., :2, :], first.latents[..., :2, :])
 
 
-class FakeCudaGraphs:
-    """torch.cuda's graph capture faked on the CPU as in tests/test_graphs.py."""
+def fake_cuda_graphs(monkeypatch):
+    """torch.cuda's graph capture faked on the CPU as in tests/test_graphs.py, and chosen by generate."""
+    from test_graphs import fake_cuda_graphs as fake
 
-    @staticmethod
-    def install(monkeypatch):
-        from test_graphs import FakeCudaGraph, FakeStream, fake_capture
-
-        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-        monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
-        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
-        monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-        monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeCudaGraph)
-        monkeypatch.setattr(torch.cuda, "graph", fake_capture)
-        monkeypatch.setattr(FakeCudaGraph, "fail", False)
-        monkeypatch.setattr(FakeCudaGraph, "made", [])
-        monkeypatch.setattr(pipeline_module, "graph_mode", lambda *args, **kwargs: "cuda")
-        return FakeCudaGraph
+    monkeypatch.setattr(pipeline_module, "graph_mode", lambda *args, **kwargs: "cuda")
+    return fake(monkeypatch)
 
 
 @pytest.mark.parametrize("name,prompt,kw", CASES, ids=[c[0] for c in CASES])
@@ -201,7 +189,7 @@ def test_cuda_capture_path_with_givens_with_torch_cuda_faked(pipe_1_0, name, pro
     """Given positions run the feed eagerly between replays of the captured step (which writes
     the same cache and buffers): the tokens are the eager static step's."""
     eager = pipe_1_0.generate(prompt, graph="off", exact=False, **kw).tokens
-    graphs = FakeCudaGraphs.install(monkeypatch)
+    graphs = fake_cuda_graphs(monkeypatch)
     graphed = pipe_1_0.generate(prompt, exact=False, **kw).tokens
     assert len(graphs.made) == 1
     assert torch.equal(eager, graphed)

@@ -151,12 +151,9 @@ class FakeStream:
         pass
 
 
-@pytest.mark.parametrize("fail", [False, True])
-def test_cuda_capture_path_with_torch_cuda_faked(pipe_1_0, monkeypatch, fail):
-    """capture_cuda_graph's warm-up, capture and replays (or, when the capture fails, the eager
-    fallback after the warm-up's token) give the eager tokens."""
-    kw = dict(width=48, height=32, num_images=2, steps=3, seed=5, cfg=4.0, decode=False, exact=False)
-    eager = pipe_1_0.generate(PROMPTS, graph="off", **kw).tokens
+def fake_cuda_graphs(monkeypatch, fail: bool = False) -> type[FakeCudaGraph]:
+    """torch.cuda's streams, graph capture and replay faked on the CPU (FakeCudaGraph records
+    the graphs made; with `fail` every capture raises)."""
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
@@ -165,6 +162,16 @@ def test_cuda_capture_path_with_torch_cuda_faked(pipe_1_0, monkeypatch, fail):
     monkeypatch.setattr(torch.cuda, "graph", fake_capture)
     monkeypatch.setattr(FakeCudaGraph, "fail", fail)
     monkeypatch.setattr(FakeCudaGraph, "made", [])
+    return FakeCudaGraph
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_cuda_capture_path_with_torch_cuda_faked(pipe_1_0, monkeypatch, fail):
+    """capture_cuda_graph's warm-up, capture and replays (or, when the capture fails, the eager
+    fallback after the warm-up's token) give the eager tokens."""
+    kw = dict(width=48, height=32, num_images=2, steps=3, seed=5, cfg=4.0, decode=False, exact=False)
+    eager = pipe_1_0.generate(PROMPTS, graph="off", **kw).tokens
+    fake_cuda_graphs(monkeypatch, fail)
     modes = []
     monkeypatch.setattr(pipeline_module, "graph_mode", lambda *args, **kwargs: modes.append(1) or "cuda")
     graphed = pipe_1_0.generate(PROMPTS, **kw).tokens
