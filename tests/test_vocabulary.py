@@ -28,6 +28,21 @@ def test_every_caption_and_edit_of_the_scene_generator_is_known():
     assert unknown_words(EXAMPLE) == []
 
 
+def test_every_free_phrasing_it_was_trained_on_is_known():
+    import numpy as np
+
+    from nextstep_core.demo.phrasing import free_caption, free_instruction
+
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        scene = random_scene(rng)
+        text = free_caption(caption(scene), rng)
+        assert unknown_words(text) == [], text
+        instruction = free_instruction(random_edit(rng, scene)[1], rng)
+        assert unknown_words(instruction) == [], instruction
+    assert unknown_words("a big circle in the middle, a tiny square in the upper left corner") == []
+
+
 def test_the_warning_names_the_words_and_the_vocabulary():
     assert vocabulary_warning(EXAMPLE) is None
     warning = vocabulary_warning("a purple cat")

@@ -13,12 +13,17 @@ import re
 from pathlib import Path
 
 from .. import DEMO_MODEL
+from .phrasing import MOVE_TARGETS, PLACE_SYNONYMS, SIZE_WORDS, TELEGRAPHIC_PLACES
 from .scenes import COLORS, POSITIONS, SHAPES, SIZES
 
 EDIT_VERBS = ("make", "move", "add", "remove")
 # The words that join them in the caption and edit grammars (scenes.py).
-GRAMMAR_WORDS = ("a", "an", "the", "and", "on", "in", "at", "to", "background", "that", "is")
-WORDS = frozenset({*COLORS, *SHAPES, *SIZES, *" ".join(POSITIONS).split(), *EDIT_VERBS, *GRAMMAR_WORDS})
+GRAMMAR_WORDS = ("a", "an", "the", "and", "on", "in", "at", "to", "background", "that", "is", "both")
+# The synonyms of the free phrasings it was trained on (phrasing.py): "big", "in the middle", ...
+SYNONYMS = tuple(sorted({*(w for words in SIZE_WORDS.values() for w in words),
+                  *(w for table in (PLACE_SYNONYMS, TELEGRAPHIC_PLACES, MOVE_TARGETS)
+                    for phrases in table.values() for p in phrases for w in p.split())}))
+WORDS = frozenset({*COLORS, *SHAPES, *SIZES, *" ".join(POSITIONS).split(), *EDIT_VERBS, *GRAMMAR_WORDS, *SYNONYMS})
 EXAMPLE = "a large red circle on the left and a small blue square at the bottom right, on a white background"
 IMAGE_MARKER = "<image>"
 
