@@ -28,7 +28,7 @@ from ..sampling.reference_loop import sample_token
 from ..sampling.samplers import prepare_sampler
 from .checker import find_objects, parse_caption, score, score_specs
 from .objective import TrainingBatch, image_conditions, sequence_embeddings
-from .phrasing import FORMS, caption_request, form_phrasing, phrase, phrase_instruction, random_phrasing, scene_request
+from .phrasing import FORMS, form_phrasing, phrase, phrase_instruction, random_phrasing, scene_request
 from .scenes import EDIT_KINDS, caption, random_edit, random_scene, render
 
 HELD_OUT_SEED = 1000
@@ -75,7 +75,7 @@ def free_phrased_edits(count: int, size=(64, 64)) -> list[tuple[str, Image.Image
         source, instruction, target = random_edit(rng, random_scene(rng, *size))
         how = random_phrasing(rng) if form == "mixed" else form_phrasing(form)
         text, added_size = phrase_instruction(instruction, how, rng)
-        request = caption_request(caption(target))
+        request = scene_request(target)
         objects = list(request.objects)
         if instruction.startswith("add") and added_size is None:  # the added object is listed last
             objects[-1] = replace(objects[-1], size=None)
