@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nextstep_core.demo.checker import ObjectSpec, score_specs
-from nextstep_core.demo.data import example_batches, make_batch, parse_scene_sizes
+from nextstep_core.demo.data import example_batches, make_batch, parse_scene_sizes, parse_size_weights
 from nextstep_core.demo.evaluate import FREE_SIZES, free_phrased_captions, free_phrased_edits
 from nextstep_core.demo.phrasing import (
     FORMS,
@@ -170,3 +170,30 @@ def test_scene_sizes_and_token_sized_batches():
         batch = next(batches)
         sizes[batch[0][4]] = len(batch)
     assert sizes == {(4, 4): 64, (8, 8): 16, (6, 6): 28}
+
+
+def test_size_weights_draw_those_sizes_more_often():
+    assert parse_size_weights("128x128=3, 96x96=0.5") == {(128, 128): 3.0, (96, 96): 0.5}
+    for bad, message in (("128x128", "is not WIDTHxHEIGHT=FACTOR"), ("128x128=0", "must be above 0"),
+                         ("72x64=2", "multiples of 16")):
+        with pytest.raises(SystemExit, match=message):
+            parse_size_weights(bad)
+    # 100 examples of 64x64 (grid 4x4) and 50 of 128x64 (grid 4 rows x 8 columns)
+    examples = [("t2i", "a", None, None, (4, 4))] * 100 + [("t2i", "b", None, None, (4, 8))] * 50
+
+    def share_of_wide(size_weights, draws=4000):
+        batches = example_batches(examples, 4, np.random.default_rng(0), size_weights=size_weights)
+        return np.mean([next(batches)[0][4] == (4, 8) for _ in range(draws)])
+
+    # binomial standard error of a share near 1/3 or 3/5 over 4000 draws: <= 0.008; 0.03 is ~4 of them
+    assert abs(share_of_wide(None) - 1 / 3) < 0.03
+    assert abs(share_of_wide({(128, 64): 3.0}) - 150 / 250) < 0.03
+    with pytest.raises(SystemExit, match="no training scenes of size 96x96"):
+        example_batches(examples, 4, np.random.default_rng(0), size_weights={(96, 96): 2.0})
+
+
+def test_size_weights_must_name_a_scene_size_before_any_work(tmp_path):
+    from nextstep_core.demo.train import main
+
+    with pytest.raises(SystemExit, match="96x96 is not one of the --scene-sizes"):
+        main(["model", "--out", str(tmp_path / "run"), "--scene-sizes", "64x64", "--size-weights", "96x96=2"])

@@ -81,6 +81,22 @@ def parse_scene_sizes(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(sizes)
 
 
+def parse_size_weights(text: str) -> dict[tuple[int, int], float]:
+    """'128x128=3,96x96=2' -> {(128, 128): 3.0, (96, 96): 2.0}: how many times as often batches of
+    that scene size (width, height) come up as their share of the examples would give."""
+    weights = {}
+    for item in text.split(","):
+        size, _, factor = item.partition("=")
+        try:
+            value = float(factor)
+        except ValueError:
+            raise SystemExit(f"--size-weights: {item.strip()!r} is not WIDTHxHEIGHT=FACTOR") from None
+        if not value > 0:
+            raise SystemExit(f"--size-weights: the factor of {size.strip()} must be above 0, not {factor}")
+        weights[parse_scene_sizes(size)[0]] = value
+    return weights
+
+
 def build_examples(tokenizer_vae: ImageTokenizer, seed: int, scenes: int, edits: int, log, sizes=SIZES):
     """(kind, caption, target tokens, source tokens | None, grid) examples, encoded once; scene
     i has size sizes[i % len(sizes)] (width, height)."""
@@ -148,16 +164,25 @@ def group_weights(keys: list[tuple], sizes: list[int], edit_share: float | None 
 
 
 def example_batches(examples, batch_size: int, rng: np.random.Generator,
-                    edit_share: float | None = None, batch_tokens: int | None = None) -> Iterator[list]:
+                    edit_share: float | None = None, batch_tokens: int | None = None,
+                    size_weights: dict[tuple[int, int], float] | None = None) -> Iterator[list]:
     """Endless batches for the model stage: a (kind, grid) group drawn with group_weights, then
     `batch_size` different examples of it (with `batch_tokens`: as many as give that many image
-    tokens, at most batch_size and at least 4, so big images make smaller batches). The groups
-    and weights are made (and `edit_share` checked) at once; the draws happen as batches are taken."""
+    tokens, at most batch_size and at least 4, so big images make smaller batches). `size_weights`
+    ((width, height) -> factor, parse_size_weights) multiplies the groups of those scene sizes
+    before group_weights shares them out. The groups and weights are made (and `edit_share`
+    checked) at once; the draws happen as batches are taken."""
     groups: dict[tuple, list] = {}
     for example in examples:
         groups.setdefault((example[0], example[4]), []).append(example)
     keys = list(groups)
-    weights = group_weights(keys, [len(groups[k]) for k in keys], edit_share)
+    size_weights = size_weights or {}
+    unknown = set(size_weights) - {(grid[1] * 16, grid[0] * 16) for _, grid in keys}
+    if unknown:
+        names = ", ".join(f"{w}x{h}" for w, h in sorted(unknown))
+        raise SystemExit(f"--size-weights: no training scenes of size {names} (see --scene-sizes)")
+    counts = [len(groups[k]) * size_weights.get((k[1][1] * 16, k[1][0] * 16), 1.0) for k in keys]
+    weights = group_weights(keys, counts, edit_share)
 
     def draw() -> Iterator[list]:
         while True:

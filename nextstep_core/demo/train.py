@@ -54,6 +54,7 @@ from .data import (
     grouped_batches,
     make_batch,
     parse_scene_sizes,
+    parse_size_weights,
     pil_batch_to_pixels,
     random_crops,
 )
@@ -198,12 +199,18 @@ def train_model(out: Path, steps: int, batch_size: int, seed: int, save_every: i
                 minutes: float | None = None, init_from: Path | None = None, lr: float = 5e-4,
                 input_noise: float = 0.0, self_feed: float = 0.0, bf16: bool = False,
                 edit_share: float | None = None, changed_weight: float = 1.0, free_captions: float = 0.0,
-                scene_sizes=SIZES, batch_tokens: int | None = None) -> NextStepModel:
+                scene_sizes=SIZES, batch_tokens: int | None = None,
+                size_weights: dict | None = None) -> NextStepModel:
     """The model stage. `init_from` (a model.pt of an earlier run of the same sizes) starts a new
     run from those weights, with a fresh optimiser and schedule (ignored when resuming).
     `input_noise`, `self_feed`: see objective.training_losses. `bf16`: see compute_precision.
     `edit_share`: see group_weights. `changed_weight`: see objective.edited_token_weights.
-    `free_captions`, `scene_sizes`, `batch_tokens`: see data.make_batch, build_examples, example_batches."""
+    `free_captions`, `scene_sizes`, `batch_tokens`, `size_weights`: see data.make_batch,
+    build_examples, example_batches."""
+    missing = set(size_weights or {}) - set(scene_sizes)
+    if missing:  # before minutes of encoding; example_batches checks the same against the data
+        raise SystemExit(f"--size-weights: {', '.join(f'{w}x{h}' for w, h in sorted(missing))} "
+                         "is not one of the --scene-sizes")
     spec = run_spec(out)
     text_folder = write_tiny_tokenizer(out / "text_tokenizer", vocab_size=640)
     text_tokenizer = load_tokenizer(text_folder)
@@ -222,7 +229,7 @@ def train_model(out: Path, steps: int, batch_size: int, seed: int, save_every: i
     examples = cached_examples(out, load_trained_vae(out, device), seed, scenes, edits, log, bf16=bf16,
                                sizes=scene_sizes)
     rng = np.random.default_rng(seed + start)
-    batches = example_batches(examples, batch_size, rng, edit_share, batch_tokens)
+    batches = example_batches(examples, batch_size, rng, edit_share, batch_tokens, size_weights)
     generator = torch.Generator().manual_seed(seed + start)
     budget = StepBudget(steps, minutes, start, log)
     began = time.perf_counter()
@@ -337,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="model stage: training scene sizes, cycled (default 64x64,64x64,128x64,64x128)")
     parser.add_argument("--batch-tokens", type=int,
                         help="model stage: image tokens per batch (at most --batch-size images, at least 4)")
+    parser.add_argument("--size-weights", type=parse_size_weights, metavar="WxH=F,...",
+                        help="model stage: draw batches of these scene sizes F times as often as their share "
+                             "of the examples (e.g. 128x128=3,96x96=2)")
     parser.add_argument("--size", action="append", default=[], metavar="NAME=VALUE",
                         help="override a size of demo_spec() (TinySpec field, e.g. vae_ch=64, vae_ch_mult=1,2,2,2, "
                              "hidden_size=256); kept in <out>/spec.json for the later stages")
@@ -368,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
                     edits=args.edits, device=args.device, minutes=args.minutes, init_from=args.init_from,
                     lr=args.lr, input_noise=args.input_noise, self_feed=args.self_feed, bf16=args.bf16,
                     edit_share=args.edit_share, changed_weight=args.changed_weight,
-                    free_captions=args.free_captions, scene_sizes=args.scene_sizes, batch_tokens=args.batch_tokens)
+                    free_captions=args.free_captions, scene_sizes=args.scene_sizes, batch_tokens=args.batch_tokens,
+                    size_weights=args.size_weights)
     else:
         log(f"exported to {export(out, Path(args.to))}")
     return 0
