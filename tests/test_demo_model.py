@@ -65,6 +65,17 @@ def test_teacher_forced_edit_score_of_the_demo_model(demo):
         teacher_forced_score(demo)
 
 
+def test_exposure_gap_scores_the_same_captions_free_running_and_teacher_forced(demo):
+    """At 128x128 the demo model draws right from the true tokens (0.99 on 48 captions) but loses
+    some of that to its own (0.80 before the 2026-12-03 size-weighted run): exposure_gap shows it."""
+    from nextstep_core.demo.evaluate import exposure_gap, held_out_scenes, teacher_forced_score
+
+    gap = exposure_gap(demo, 4, (128, 128), steps=8)
+    assert gap["size"] == "128x128" and gap["captions"] == 4
+    assert gap["teacher_forced"] == teacher_forced_score(demo, held_out_scenes(4, (128, 128)), seed=0, steps=8)
+    assert gap["teacher_forced"] >= 0.8 and 0 <= gap["free_running"] <= 1
+
+
 def test_every_held_out_edit_has_a_kind_and_copying_the_source_scores_below_the_goal():
     from nextstep_core.demo.checker import score
     from nextstep_core.demo.evaluate import edit_kind, held_out_edits

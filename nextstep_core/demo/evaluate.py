@@ -27,6 +27,7 @@ from ..pipeline import NextStepPipeline
 from ..sampling.reference_loop import sample_token
 from ..sampling.samplers import prepare_sampler
 from .checker import find_objects, parse_caption, score, score_specs
+from .data import parse_scene_sizes
 from .objective import TrainingBatch, image_conditions, sequence_embeddings
 from .phrasing import FORMS, form_phrasing, phrase, phrase_instruction, random_phrasing, scene_request
 from .scenes import EDIT_KINDS, caption, random_edit, random_scene, render
@@ -192,6 +193,23 @@ def teacher_forced_score(pipe: NextStepPipeline, scenes=None, *, edits=None, see
                           for im, text in zip(images, texts)]))
 
 
+def exposure_gap(pipe: NextStepPipeline, count: int, size=(64, 64), *, seed: int = 0, batch: int = 12,
+                 **sampling) -> dict:
+    """Exact-grammar held-out captions of one size scored both ways: free-running (the model
+    feeding back its own tokens) and teacher-forced (teacher_forced_score). The gap between the
+    two is what the model loses to its own imperfect tokens at that size."""
+    scenes = held_out_scenes(count, size)
+    texts = [caption(s) for s in scenes]
+    free_running = []
+    for i in range(0, count, batch):
+        result = pipe.generate(texts[i:i + batch], width=size[0], height=size[1], seed=seed + i, **sampling)
+        free_running += [score(image, text) for image, text in zip(result.to_pil(), texts[i:i + batch])]
+    forced = [teacher_forced_score(pipe, scenes[i:i + 50], seed=seed + i, **sampling) * len(scenes[i:i + 50])
+              for i in range(0, count, 50)]
+    return {"size": f"{size[0]}x{size[1]}", "captions": count, "free_running": float(np.mean(free_running)),
+            "teacher_forced": float(sum(forced) / count)}
+
+
 def edit_kind(instruction: str) -> str:
     """The EDIT_KINDS entry an instruction of scenes.random_edit's grammar belongs to."""
     verb = instruction.split()[0]
@@ -256,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher-forced", type=int, default=0, metavar="N",
                         help="also score N held-out captions (and up to --edits edits) with every token sampled given "
                              "the true tokens before it")
+    parser.add_argument("--exposure", type=int, default=0, metavar="N",
+                        help="also score N exact-grammar held-out captions per --exposure-sizes both free-running "
+                             "and teacher-forced (exposure_gap)")
+    parser.add_argument("--exposure-sizes", type=parse_scene_sizes, default=((64, 64), (128, 128)), metavar="WxH,...")
     parser.add_argument("--free", type=int, default=0, metavar="N",
                         help="also score N free-phrased held-out captions per size (64, 96, 128, 128x64) and N "
                              "free-phrased edits, per phrasing form")
@@ -280,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         edits = held_out_edits(min(args.teacher_forced, args.edits))
         if edits:
             report["teacher_forced_edit_score"] = in_chunks_of_50("edits", edits)
+    if args.exposure:
+        report["exposure_gap"] = [exposure_gap(pipe, args.exposure, size, **sampling) for size in args.exposure_sizes]
     print(json.dumps(report, indent=2))
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
