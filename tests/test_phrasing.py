@@ -15,6 +15,7 @@ from nextstep_core.demo.phrasing import (
     caption_request,
     form_phrasing,
     free_caption,
+    parse_phrasing_weights,
     phrase,
     phrase_instruction,
     random_phrasing,
@@ -106,6 +107,24 @@ def test_random_phrasings_cover_every_choice_and_are_seeded():
     assert ([free_caption(text, np.random.default_rng(7)) for _ in range(3)]
             == [free_caption(text, np.random.default_rng(7)) for _ in range(3)])
     assert caption_request(text) == scene_request(TWO_REDS)
+
+
+def test_phrasing_weights_change_training_draws_only():
+    assert parse_phrasing_weights("positions=5:3:3, background=0:0:1") == {"positions": (5.0, 3.0, 3.0),
+                                                                           "background": (0.0, 0.0, 1.0)}
+    for bad, message in (("colours=1:1:1", "'colours' is not one of sizes, positions, background"),
+                         ("sizes=1:1", "sizes needs 3 weights for word:synonym:none"),
+                         ("background=0:0:0", "at least one above 0"), ("positions=a:b:c", "needs 3 weights")):
+        with pytest.raises(SystemExit, match=message):
+            parse_phrasing_weights(bad)
+    rng = np.random.default_rng(3)
+    drawn = [random_phrasing(rng, {"positions": (0, 0, 1), "background": (0, 1, 0)}) for _ in range(50)]
+    assert {(p.positions, p.background) for p in drawn} == {("none", "first")}
+    assert {p.sizes for p in drawn} == {"word", "synonym", "none"}  # the defaults for the rest
+    text = caption(TWO_REDS)
+    for _ in range(20):
+        free = free_caption(text, rng, {"positions": (0, 0, 1), "background": (0, 0, 1)})
+        assert not any(word in free for word in ("left", "right", "top", "bottom", "middle", "center", "background"))
 
 
 def test_edit_instructions_vary_where_they_can():

@@ -197,22 +197,24 @@ def example_batches(examples, batch_size: int, rng: np.random.Generator,
 
 
 def make_batch(text_tokenizer, special: SpecialIds, examples, rng: np.random.Generator,
-               free_captions: float = 0.0) -> TrainingBatch:
+               free_captions: float = 0.0, phrasing_weights: dict | None = None) -> TrainingBatch:
     """Teacher-forcing rows for examples of one kind and size, with guidance dropout; that share
-    of the kept captions and edit instructions said in a random free phrasing (phrasing.py)."""
+    of the kept captions and edit instructions said in a random free phrasing (phrasing.py,
+    random_phrasing with `phrasing_weights`)."""
     kind, grid = examples[0][0], examples[0][4]
     captions, sources = [], []
     for _, caption, _, source, _ in examples:
         drop = rng.random()
         if kind == "t2i":
             if drop >= 0.1 and free_captions and rng.random() < free_captions:
-                caption = free_caption(caption, rng)
+                caption = free_caption(caption, rng, phrasing_weights)
             captions.append("" if drop < 0.1 else caption)
         elif drop < 0.05:  # negative alone: the image-free guidance branch, trained as t2i
             captions.append("")
         else:
             if drop >= 0.15 and free_captions and rng.random() < free_captions:
-                caption = f"{IMAGE_MARKER} {free_instruction(caption.removeprefix(IMAGE_MARKER).strip(), rng)}"
+                instruction = caption.removeprefix(IMAGE_MARKER).strip()
+                caption = f"{IMAGE_MARKER} {free_instruction(instruction, rng, phrasing_weights)}"
             captions.append(IMAGE_MARKER if drop < 0.15 else caption)
             sources.append(source)
     texts_with_image = [c for c in captions if "<image>" in c]

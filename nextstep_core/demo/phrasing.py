@@ -84,16 +84,46 @@ def form_phrasing(form: str) -> Phrasing:
     return Phrasing(**changes[form])
 
 
-def random_phrasing(rng: np.random.Generator) -> Phrasing:
-    """Every choice drawn independently; about one caption in seven comes out in the exact grammar."""
-    def pick(options, weights):
-        return options[int(rng.choice(len(options), p=np.asarray(weights) / sum(weights)))]
+# How often random_phrasing picks each option of the three main choices (relative weights):
+# sizes and positions ('word', 'synonym', 'none'), the background ('last', 'first', 'none').
+PHRASING_OPTIONS = {"sizes": ("word", "synonym", "none"), "positions": ("word", "synonym", "none"),
+                    "background": ("last", "first", "none")}
+PHRASING_WEIGHTS = {"sizes": (2, 1, 2), "positions": (5, 3, 1), "background": (3, 1, 2)}
 
-    return Phrasing(sizes=pick(("word", "synonym", "none"), (2, 1, 2)),
-                    positions=pick(("word", "synonym", "none"), (5, 3, 1)),
-                    background=pick(("last", "first", "none"), (3, 1, 2)),
+
+def random_phrasing(rng: np.random.Generator, weights: dict[str, tuple[float, ...]] | None = None) -> Phrasing:
+    """Every choice drawn independently; with the default PHRASING_WEIGHTS about one caption in
+    seven comes out in the exact grammar. `weights` replaces some of PHRASING_WEIGHTS (training's
+    `--phrasing-weights`); the held-out lists always use the defaults."""
+    weights = {**PHRASING_WEIGHTS, **(weights or {})}
+
+    def pick(choice):
+        odds = np.asarray(weights[choice], dtype=np.float64)
+        return PHRASING_OPTIONS[choice][int(rng.choice(len(odds), p=odds / odds.sum()))]
+
+    return Phrasing(sizes=pick("sizes"), positions=pick("positions"), background=pick("background"),
                     telegraphic=bool(rng.random() < 0.15), plural=bool(rng.random() < 0.5),
                     article=bool(rng.random() < 0.7), casing=bool(rng.random() < 0.3))
+
+
+def parse_phrasing_weights(text: str) -> dict[str, tuple[float, ...]]:
+    """'positions=5:3:3,background=3:1:3' -> {'positions': (5.0, 3.0, 3.0), 'background': (3.0, 1.0, 3.0)}:
+    weights of the options of PHRASING_OPTIONS, in that order."""
+    weights = {}
+    for item in text.split(","):
+        choice, _, values = item.strip().partition("=")
+        if choice not in PHRASING_OPTIONS:
+            raise SystemExit(f"--phrasing-weights: {choice!r} is not one of {', '.join(PHRASING_OPTIONS)}")
+        options = PHRASING_OPTIONS[choice]
+        try:
+            odds = tuple(float(v) for v in values.split(":"))
+        except ValueError:
+            odds = ()
+        if len(odds) != len(options) or min(odds) < 0 or sum(odds) <= 0:
+            raise SystemExit(f"--phrasing-weights: {choice} needs {len(options)} weights for "
+                             f"{':'.join(options)}, at least one above 0 (got {values!r})")
+        weights[choice] = odds
+    return weights
 
 
 def scene_request(scene: Scene) -> Request:
@@ -182,9 +212,9 @@ def phrase(request: Request, how: Phrasing, rng: np.random.Generator) -> tuple[s
     return text, Request(tuple(asked), background)
 
 
-def free_caption(caption: str, rng: np.random.Generator) -> str:
-    """A random free phrasing (random_phrasing) of an exact-grammar caption, for training."""
-    return phrase(caption_request(caption), random_phrasing(rng), rng)[0]
+def free_caption(caption: str, rng: np.random.Generator, weights: dict | None = None) -> str:
+    """A random free phrasing (random_phrasing, with these weights) of an exact-grammar caption, for training."""
+    return phrase(caption_request(caption), random_phrasing(rng, weights), rng)[0]
 
 
 # Edit instructions (scenes.random_edit's grammar) vary less: the object to change keeps its colour
@@ -214,6 +244,7 @@ def phrase_instruction(instruction: str, how: Phrasing, rng: np.random.Generator
     return instruction, size
 
 
-def free_instruction(instruction: str, rng: np.random.Generator) -> str:
-    """A random free phrasing of an exact-grammar edit instruction, for training."""
-    return phrase_instruction(instruction, random_phrasing(rng), rng)[0]
+def free_instruction(instruction: str, rng: np.random.Generator, weights: dict | None = None) -> str:
+    """A random free phrasing (random_phrasing, with these weights) of an exact-grammar edit
+    instruction, for training."""
+    return phrase_instruction(instruction, random_phrasing(rng, weights), rng)[0]

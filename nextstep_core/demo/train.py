@@ -59,6 +59,7 @@ from .data import (
     random_crops,
 )
 from .objective import training_losses
+from .phrasing import parse_phrasing_weights
 from .scenes import scene_dataset
 from .stage import (
     StepBudget,
@@ -200,13 +201,13 @@ def train_model(out: Path, steps: int, batch_size: int, seed: int, save_every: i
                 input_noise: float = 0.0, self_feed: float = 0.0, bf16: bool = False,
                 edit_share: float | None = None, changed_weight: float = 1.0, free_captions: float = 0.0,
                 scene_sizes=SIZES, batch_tokens: int | None = None,
-                size_weights: dict | None = None) -> NextStepModel:
+                size_weights: dict | None = None, phrasing_weights: dict | None = None) -> NextStepModel:
     """The model stage. `init_from` (a model.pt of an earlier run of the same sizes) starts a new
     run from those weights, with a fresh optimiser and schedule (ignored when resuming).
     `input_noise`, `self_feed`: see objective.training_losses. `bf16`: see compute_precision.
     `edit_share`: see group_weights. `changed_weight`: see objective.edited_token_weights.
-    `free_captions`, `scene_sizes`, `batch_tokens`, `size_weights`: see data.make_batch,
-    build_examples, example_batches."""
+    `free_captions`, `scene_sizes`, `batch_tokens`, `size_weights`, `phrasing_weights`: see
+    data.make_batch, build_examples, example_batches."""
     missing = set(size_weights or {}) - set(scene_sizes)
     if missing:  # before minutes of encoding; example_batches checks the same against the data
         raise SystemExit(f"--size-weights: {', '.join(f'{w}x{h}' for w, h in sorted(missing))} "
@@ -238,7 +239,7 @@ def train_model(out: Path, steps: int, batch_size: int, seed: int, save_every: i
         save_state(path, weights=model.state_dict(), optimizer=optimizer.state_dict(), step=done)
 
     for step, total in budget.run(save_every, save):
-        batch = make_batch(text_tokenizer, special, next(batches), rng, free_captions).to(device)
+        batch = make_batch(text_tokenizer, special, next(batches), rng, free_captions, phrasing_weights).to(device)
         with compute_precision(device, bf16):
             losses = training_losses(model, batch, lm_loss_weight=0.01, head_repeats=4, generator=generator,
                                      input_noise=input_noise, self_feed=self_feed, changed_weight=changed_weight)
@@ -347,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-weights", type=parse_size_weights, metavar="WxH=F,...",
                         help="model stage: draw batches of these scene sizes F times as often as their share "
                              "of the examples (e.g. 128x128=3,96x96=2)")
+    parser.add_argument("--phrasing-weights", type=parse_phrasing_weights, metavar="CHOICE=W:W:W,...",
+                        help="model stage: how often a free phrasing picks each option, e.g. positions=5:3:3 "
+                             "(word:synonym:none; background last:first:none; default phrasing.PHRASING_WEIGHTS)")
     parser.add_argument("--size", action="append", default=[], metavar="NAME=VALUE",
                         help="override a size of demo_spec() (TinySpec field, e.g. vae_ch=64, vae_ch_mult=1,2,2,2, "
                              "hidden_size=256); kept in <out>/spec.json for the later stages")
@@ -379,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                     lr=args.lr, input_noise=args.input_noise, self_feed=args.self_feed, bf16=args.bf16,
                     edit_share=args.edit_share, changed_weight=args.changed_weight,
                     free_captions=args.free_captions, scene_sizes=args.scene_sizes, batch_tokens=args.batch_tokens,
-                    size_weights=args.size_weights)
+                    size_weights=args.size_weights, phrasing_weights=args.phrasing_weights)
     else:
         log(f"exported to {export(out, Path(args.to))}")
     return 0
