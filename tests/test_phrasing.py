@@ -214,5 +214,5 @@ def test_size_weights_draw_those_sizes_more_often():
 def test_size_weights_must_name_a_scene_size_before_any_work(tmp_path):
     from nextstep_core.demo.train import main
 
-    with pytest.raises(SystemExit, match="96x96 is not one of the --scene-sizes"):
+    with pytest.raises(SystemExit, match="no training scenes of size 96x96"):
         main(["model", "--out", str(tmp_path / "run"), "--scene-sizes", "64x64", "--size-weights", "96x96=2"])

@@ -148,6 +148,14 @@ def check_edit_share(edit_share: float | None) -> None:
         raise SystemExit(f"--edit-share {edit_share} must be between 0 and 1")
 
 
+def check_size_weights(size_weights: dict[tuple[int, int], float] | None, sizes) -> None:
+    """SystemExit unless every size of `--size-weights` is one of `sizes` ((width, height) pairs)."""
+    missing = set(size_weights or {}) - set(sizes)
+    if missing:
+        names = ", ".join(f"{w}x{h}" for w, h in sorted(missing))
+        raise SystemExit(f"--size-weights: no training scenes of size {names} (see --scene-sizes)")
+
+
 def group_weights(keys: list[tuple], sizes: list[int], edit_share: float | None = None) -> np.ndarray:
     """Probability of drawing each (kind, grid) group for a batch: its share of the examples, or,
     with `edit_share`, that share of all batches split among the edit groups by size (the rest
@@ -176,12 +184,9 @@ def example_batches(examples, batch_size: int, rng: np.random.Generator,
     for example in examples:
         groups.setdefault((example[0], example[4]), []).append(example)
     keys = list(groups)
-    size_weights = size_weights or {}
-    unknown = set(size_weights) - {(grid[1] * 16, grid[0] * 16) for _, grid in keys}
-    if unknown:
-        names = ", ".join(f"{w}x{h}" for w, h in sorted(unknown))
-        raise SystemExit(f"--size-weights: no training scenes of size {names} (see --scene-sizes)")
-    counts = [len(groups[k]) * size_weights.get((k[1][1] * 16, k[1][0] * 16), 1.0) for k in keys]
+    scene_size = {key: (key[1][1] * 16, key[1][0] * 16) for key in keys}  # (width, height) of each group
+    check_size_weights(size_weights, scene_size.values())
+    counts = [len(groups[k]) * (size_weights or {}).get(scene_size[k], 1.0) for k in keys]
     weights = group_weights(keys, counts, edit_share)
 
     def draw() -> Iterator[list]:

@@ -50,6 +50,7 @@ from .data import (
     SIZES,
     cached_examples,
     check_edit_share,
+    check_size_weights,
     example_batches,
     grouped_batches,
     make_batch,
@@ -208,10 +209,7 @@ def train_model(out: Path, steps: int, batch_size: int, seed: int, save_every: i
     `edit_share`: see group_weights. `changed_weight`: see objective.edited_token_weights.
     `free_captions`, `scene_sizes`, `batch_tokens`, `size_weights`, `phrasing_weights`: see
     data.make_batch, build_examples, example_batches."""
-    missing = set(size_weights or {}) - set(scene_sizes)
-    if missing:  # before minutes of encoding; example_batches checks the same against the data
-        raise SystemExit(f"--size-weights: {', '.join(f'{w}x{h}' for w, h in sorted(missing))} "
-                         "is not one of the --scene-sizes")
+    check_size_weights(size_weights, scene_sizes)  # before minutes of encoding; example_batches checks the data
     spec = run_spec(out)
     text_folder = write_tiny_tokenizer(out / "text_tokenizer", vocab_size=640)
     text_tokenizer = load_tokenizer(text_folder)
