@@ -84,6 +84,15 @@ def free_phrased_edits(count: int, size=(64, 64)) -> list[tuple[str, Image.Image
     return edits
 
 
+def draw_captions(pipe: NextStepPipeline, texts: list[str], size=(64, 64), *, seed: int = 0, batch: int = 12,
+                  **sampling) -> list[Image.Image]:
+    """The images of `texts` at one size (width, height), `batch` at a time, chunk i with seed + i."""
+    images = []
+    for i in range(0, len(texts), batch):
+        images += pipe.generate(texts[i:i + batch], width=size[0], height=size[1], seed=seed + i, **sampling).to_pil()
+    return images
+
+
 def free_phrasing_scores(pipe: NextStepPipeline, *, captions: int = 48, edits: int = 48, sizes=FREE_SIZES,
                          seed: int = 0, batch: int = 12, **sampling) -> dict:
     """Checker scores of free-phrased held-out captions per size and per form (over every size),
@@ -91,12 +100,10 @@ def free_phrasing_scores(pipe: NextStepPipeline, *, captions: int = 48, edits: i
     started, per_size, per_form = time.perf_counter(), {}, {}
     for width, height in sizes:
         prompts, scores = free_phrased_captions(captions, (width, height)), []
-        for i in range(0, len(prompts), batch):
-            chunk = prompts[i:i + batch]
-            result = pipe.generate([p[1] for p in chunk], width=width, height=height, seed=seed + i, **sampling)
-            for (form, _, objects, background), image in zip(chunk, result.to_pil()):
-                scores.append(score_specs(image, objects, background))
-                per_form.setdefault(form, []).append(scores[-1])
+        images = draw_captions(pipe, [p[1] for p in prompts], (width, height), seed=seed, batch=batch, **sampling)
+        for (form, _, objects, background), image in zip(prompts, images):
+            scores.append(score_specs(image, objects, background))
+            per_form.setdefault(form, []).append(scores[-1])
         per_size[f"{width}x{height}"] = float(np.mean(scores))
     edit_forms = {}
     for k, (form, source, text, objects, background) in enumerate(free_phrased_edits(edits)):
@@ -200,14 +207,20 @@ def exposure_gap(pipe: NextStepPipeline, count: int, size=(64, 64), *, seed: int
     two is what the model loses to its own imperfect tokens at that size."""
     scenes = held_out_scenes(count, size)
     texts = [caption(s) for s in scenes]
-    free_running = []
-    for i in range(0, count, batch):
-        result = pipe.generate(texts[i:i + batch], width=size[0], height=size[1], seed=seed + i, **sampling)
-        free_running += [score(image, text) for image, text in zip(result.to_pil(), texts[i:i + batch])]
-    forced = [teacher_forced_score(pipe, scenes[i:i + 50], seed=seed + i, **sampling) * len(scenes[i:i + 50])
-              for i in range(0, count, 50)]
-    return {"size": f"{size[0]}x{size[1]}", "captions": count, "free_running": float(np.mean(free_running)),
-            "teacher_forced": float(sum(forced) / count)}
+    images = draw_captions(pipe, texts, size, seed=seed, batch=batch, **sampling)
+    return {"size": f"{size[0]}x{size[1]}", "captions": count,
+            "free_running": float(np.mean([score(image, text) for image, text in zip(images, texts)])),
+            "teacher_forced": teacher_forced_in_chunks(pipe, scenes=scenes, seed=seed, **sampling)}
+
+
+def teacher_forced_in_chunks(pipe: NextStepPipeline, *, scenes=None, edits=None, seed: int = 0, chunk: int = 50,
+                             **sampling) -> float:
+    """teacher_forced_score over many scenes (or edits), `chunk` at a time (chunk i with seed + i),
+    each chunk weighted by its length."""
+    items, kind = (scenes, "scenes") if edits is None else (edits, "edits")
+    total = sum(teacher_forced_score(pipe, **{kind: items[i:i + chunk]}, seed=seed + i, **sampling)
+                * len(items[i:i + chunk]) for i in range(0, len(items), chunk))
+    return float(total / len(items))
 
 
 def edit_kind(instruction: str) -> str:
@@ -222,12 +235,8 @@ def evaluate(pipe: NextStepPipeline, *, captions: int = 100, edits: int = 50, se
     started = time.perf_counter()
     scenes = held_out_scenes(captions)
     texts = [caption(s) for s in scenes]
-    t2i_scores, samples = [], []
-    for i in range(0, len(texts), batch):
-        result = pipe.generate(texts[i:i + batch], width=64, height=64, seed=seed + i, **sampling)
-        for text, image in zip(texts[i:i + batch], result.to_pil()):
-            t2i_scores.append(score(image, text))
-            samples.append(image)
+    samples = draw_captions(pipe, texts, seed=seed, batch=batch, **sampling)
+    t2i_scores = [score(image, text) for image, text in zip(samples, texts)]
     attributes = attribute_rates(samples, texts)
     edit_scores, copy_scores, kinds = [], [], []
     for k, (source, instruction, target) in enumerate(held_out_edits(edits)):
@@ -294,14 +303,11 @@ def main(argv: list[str] | None = None) -> int:
         edits = args.free if args.free_edits is None else args.free_edits
         report.update(free_phrasing_scores(pipe, captions=args.free, edits=edits, **sampling))
     if args.teacher_forced:
-        def in_chunks_of_50(kind, items):
-            return float(np.mean([teacher_forced_score(pipe, **{kind: items[i:i + 50]}, seed=i, **sampling)
-                                  for i in range(0, len(items), 50)]))
-
-        report["teacher_forced_caption_score"] = in_chunks_of_50("scenes", held_out_scenes(args.teacher_forced))
+        report["teacher_forced_caption_score"] = teacher_forced_in_chunks(
+            pipe, scenes=held_out_scenes(args.teacher_forced), **sampling)
         edits = held_out_edits(min(args.teacher_forced, args.edits))
         if edits:
-            report["teacher_forced_edit_score"] = in_chunks_of_50("edits", edits)
+            report["teacher_forced_edit_score"] = teacher_forced_in_chunks(pipe, edits=edits, **sampling)
     if args.exposure:
         report["exposure_gap"] = [exposure_gap(pipe, args.exposure, size, **sampling) for size in args.exposure_sizes]
     print(json.dumps(report, indent=2))
