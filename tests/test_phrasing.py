@@ -2,6 +2,8 @@
 leaves free, that the checker scores what a phrasing still asks for, and the training options
 that use them (free captions in batches, scene sizes, token-sized batches)."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from nextstep_core.demo.phrasing import (
     caption_request,
     form_phrasing,
     free_caption,
+    in_reading_order,
     parse_phrasing_weights,
     phrase,
     phrase_instruction,
@@ -125,6 +128,35 @@ def test_phrasing_weights_change_training_draws_only():
     for _ in range(20):
         free = free_caption(text, rng, {"positions": (0, 0, 1), "background": (0, 0, 1)})
         assert not any(word in free for word in ("left", "right", "top", "bottom", "middle", "center", "background"))
+
+
+def test_captions_without_positions_name_objects_in_reading_order():
+    # TWO_REDS lists a red circle (top left), a red square (top) and a blue triangle (bottom)
+    scrambled = Scene(64, 64, "white", None, TWO_REDS.objects[::-1])
+    request = scene_request(scrambled)
+    assert [o.shape for o in request.objects] == ["triangle", "square", "circle"]
+    ordered, how = in_reading_order(request, Phrasing(positions="none", plural=True))
+    assert [o.shape for o in ordered.objects] == ["circle", "square", "triangle"]
+    assert how.plural is False  # "a blue triangle, and a circle and a square, both red" would break the order
+    # a shared colour at the end keeps the plural: "a blue triangle, and a circle and a square, both red"
+    late_pair = Scene(64, 64, "white", None, (SceneObject("triangle", "blue", "small", 10.5, 10.5),
+                                              SceneObject("circle", "red", "large", 53.0, 32.0),
+                                              SceneObject("square", "red", "small", 32.0, 53.0)))
+    assert in_reading_order(scene_request(late_pair), Phrasing(positions="none", plural=True))[1].plural
+    rng = np.random.default_rng(2)
+    unplaced = {"positions": (0, 0, 1), "sizes": (0, 0, 1), "background": (0, 0, 1)}
+
+    def shapes(text):
+        return re.findall(r"circle|square|triangle", text)
+
+    for _ in range(20):
+        text = free_caption(caption(scrambled), rng, unplaced)
+        assert shapes(text) == ["circle", "square", "triangle"], text
+    # the scene's order without the convention (runs before it), and named positions keep it
+    assert {tuple(shapes(free_caption(caption(scrambled), rng, unplaced, reading_order=False)))
+            for _ in range(20)} == {("triangle", "square", "circle")}
+    placed = free_caption(caption(scrambled), rng, {"positions": (1, 0, 0), "background": (0, 0, 1)})
+    assert placed.lower().index("triangle") < placed.lower().index("circle")
 
 
 def test_edit_instructions_vary_where_they_can():

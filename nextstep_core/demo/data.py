@@ -202,17 +202,18 @@ def example_batches(examples, batch_size: int, rng: np.random.Generator,
 
 
 def make_batch(text_tokenizer, special: SpecialIds, examples, rng: np.random.Generator,
-               free_captions: float = 0.0, phrasing_weights: dict | None = None) -> TrainingBatch:
+               free_captions: float = 0.0, phrasing_weights: dict | None = None,
+               reading_order: bool = True) -> TrainingBatch:
     """Teacher-forcing rows for examples of one kind and size, with guidance dropout; that share
     of the kept captions and edit instructions said in a random free phrasing (phrasing.py,
-    random_phrasing with `phrasing_weights`)."""
+    random_phrasing with `phrasing_weights`; `reading_order`: see phrasing.free_caption)."""
     kind, grid = examples[0][0], examples[0][4]
     captions, sources = [], []
     for _, caption, _, source, _ in examples:
         drop = rng.random()
         if kind == "t2i":
             if drop >= 0.1 and free_captions and rng.random() < free_captions:
-                caption = free_caption(caption, rng, phrasing_weights)
+                caption = free_caption(caption, rng, phrasing_weights, reading_order)
             captions.append("" if drop < 0.1 else caption)
         elif drop < 0.05:  # negative alone: the image-free guidance branch, trained as t2i
             captions.append("")

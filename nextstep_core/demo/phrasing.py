@@ -18,6 +18,10 @@ What a caption leaves out is the model's free choice, and the training data says
 fits every scene that differs only in what it leaves out. `phrase` returns the caption with what
 it still asks for (`Request`), which `checker.score_request` scores: an object whose position is
 not named may be anywhere, a size not named may be either, a background not named any colour.
+
+One convention makes a caption without positions easier to follow: in training, such a caption
+names its objects in reading order (`free_caption`, `in_reading_order`), so "a red circle and a
+blue square" is drawn with the red circle first, above or to the left of the blue square.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import numpy as np
 
 from ..errors import NextStepError
 from .checker import BackgroundSpec, ObjectSpec, parse_background, parse_caption
-from .scenes import PLACE_PHRASES, Scene, article, position_of
+from .scenes import PLACE_PHRASES, POSITIONS, Scene, article, position_of
 
 SIZE_WORDS = {"small": ("small", "tiny", "little"), "large": ("large", "big")}
 PLACE_SYNONYMS = {
@@ -212,9 +216,28 @@ def phrase(request: Request, how: Phrasing, rng: np.random.Generator) -> tuple[s
     return text, Request(tuple(asked), background)
 
 
-def free_caption(caption: str, rng: np.random.Generator, weights: dict | None = None) -> str:
-    """A random free phrasing (random_phrasing, with these weights) of an exact-grammar caption, for training."""
-    return phrase(caption_request(caption), random_phrasing(rng, weights), rng)[0]
+def in_reading_order(request: Request, how: Phrasing) -> tuple[Request, Phrasing]:
+    """The request's objects sorted by their cells in reading order (POSITIONS: top left first,
+    bottom right last), and `how` without `plural` where grouping the shared colour at the end
+    would break that order. Objects without a position keep their place (stable sort)."""
+    rank = {position: i for i, position in enumerate(POSITIONS)}
+    objects = tuple(sorted(request.objects, key=lambda o: rank.get(o.position, -1)))
+    pair = _shared_colour_pair(objects) if how.plural and not how.telegraphic else None
+    if pair is not None and pair != (len(objects) - 2, len(objects) - 1):
+        how = replace(how, plural=False)
+    return Request(objects, request.background), how
+
+
+def free_caption(caption: str, rng: np.random.Generator, weights: dict | None = None,
+                 reading_order: bool = True) -> str:
+    """A random free phrasing (random_phrasing, with these weights) of an exact-grammar caption, for
+    training. With `reading_order`, a phrasing that names no positions names the objects in the
+    order they appear (`in_reading_order`), so the model can bind the k-th object it draws to the
+    k-th it was asked for; the caption grammar itself lists them in any order."""
+    request, how = caption_request(caption), random_phrasing(rng, weights)
+    if reading_order and how.positions == "none":
+        request, how = in_reading_order(request, how)
+    return phrase(request, how, rng)[0]
 
 
 # Edit instructions (scenes.random_edit's grammar) vary less: the object to change keeps its colour

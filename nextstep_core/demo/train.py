@@ -202,13 +202,14 @@ def train_model(out: Path, steps: int, batch_size: int, seed: int, save_every: i
                 input_noise: float = 0.0, self_feed: float = 0.0, bf16: bool = False,
                 edit_share: float | None = None, changed_weight: float = 1.0, free_captions: float = 0.0,
                 scene_sizes=SIZES, batch_tokens: int | None = None,
-                size_weights: dict | None = None, phrasing_weights: dict | None = None) -> NextStepModel:
+                size_weights: dict | None = None, phrasing_weights: dict | None = None,
+                reading_order: bool = True) -> NextStepModel:
     """The model stage. `init_from` (a model.pt of an earlier run of the same sizes) starts a new
     run from those weights, with a fresh optimiser and schedule (ignored when resuming).
     `input_noise`, `self_feed`: see objective.training_losses. `bf16`: see compute_precision.
     `edit_share`: see group_weights. `changed_weight`: see objective.edited_token_weights.
-    `free_captions`, `scene_sizes`, `batch_tokens`, `size_weights`, `phrasing_weights`: see
-    data.make_batch, build_examples, example_batches."""
+    `free_captions`, `scene_sizes`, `batch_tokens`, `size_weights`, `phrasing_weights`,
+    `reading_order`: see data.make_batch, build_examples, example_batches."""
     check_size_weights(size_weights, scene_sizes)  # before minutes of encoding; example_batches checks the data
     spec = run_spec(out)
     text_folder = write_tiny_tokenizer(out / "text_tokenizer", vocab_size=640)
@@ -237,7 +238,8 @@ def train_model(out: Path, steps: int, batch_size: int, seed: int, save_every: i
         save_state(path, weights=model.state_dict(), optimizer=optimizer.state_dict(), step=done)
 
     for step, total in budget.run(save_every, save):
-        batch = make_batch(text_tokenizer, special, next(batches), rng, free_captions, phrasing_weights).to(device)
+        batch = make_batch(text_tokenizer, special, next(batches), rng, free_captions, phrasing_weights,
+                           reading_order).to(device)
         with compute_precision(device, bf16):
             losses = training_losses(model, batch, lm_loss_weight=0.01, head_repeats=4, generator=generator,
                                      input_noise=input_noise, self_feed=self_feed, changed_weight=changed_weight)
@@ -349,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phrasing-weights", type=parse_phrasing_weights, metavar="CHOICE=W:W:W,...",
                         help="model stage: how often a free phrasing picks each option, e.g. positions=5:3:3 "
                              "(word:synonym:none; background last:first:none; default phrasing.PHRASING_WEIGHTS)")
+    parser.add_argument("--unplaced-order", choices=("reading", "scene"), default="reading",
+                        help="model stage: the order of the objects in a free phrasing that names no positions: "
+                             "reading order (default) or the scene's (as runs before 2026-12-03, evening)")
     parser.add_argument("--size", action="append", default=[], metavar="NAME=VALUE",
                         help="override a size of demo_spec() (TinySpec field, e.g. vae_ch=64, vae_ch_mult=1,2,2,2, "
                              "hidden_size=256); kept in <out>/spec.json for the later stages")
@@ -381,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
                     lr=args.lr, input_noise=args.input_noise, self_feed=args.self_feed, bf16=args.bf16,
                     edit_share=args.edit_share, changed_weight=args.changed_weight,
                     free_captions=args.free_captions, scene_sizes=args.scene_sizes, batch_tokens=args.batch_tokens,
-                    size_weights=args.size_weights, phrasing_weights=args.phrasing_weights)
+                    size_weights=args.size_weights, phrasing_weights=args.phrasing_weights,
+                    reading_order=args.unplaced_order == "reading")
     else:
         log(f"exported to {export(out, Path(args.to))}")
     return 0
