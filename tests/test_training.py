@@ -152,6 +152,19 @@ def test_a_time_budget_fixes_the_step_count_after_the_probe():
         StepBudget(0, None, 0, print)
 
 
+def test_a_spent_time_budget_saves_and_says_how_to_finish():
+    from nextstep_core.demo.stage import StepBudget
+
+    messages, saved = [], []
+    budget = StepBudget(40, minutes=1e-9, start=5, log=messages.append)
+    assert [step for step, _ in budget.run(save_every=100, save=saved.append)] == [5]
+    assert saved == [6]
+    assert messages == ["stopped at step 6 of 40: the 1e-09 min budget is spent (run again with --steps 40 to finish)"]
+    messages.clear()
+    assert len(list(StepBudget(3, None, 0, messages.append).run(save_every=2, save=saved.append))) == 3
+    assert saved == [6, 2, 3] and messages == []  # a finished run says nothing
+
+
 def test_model_stage_can_start_from_an_earlier_runs_weights(tmp_path):
     from nextstep_core.demo.train import main
 

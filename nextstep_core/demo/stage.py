@@ -111,4 +111,7 @@ class StepBudget:
             if step % save_every == 0 or done:
                 save(step)
             if done:
+                if step < self.total(step):
+                    self.log(f"stopped at step {step} of {self.total(step)}: the {self.minutes} min budget is "
+                             f"spent (run again with --steps {self.total(step)} to finish)")
                 return
