@@ -1,7 +1,6 @@
 """The training objective: a step on a fixed batch lowers both losses; edit rows are built right."""
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -136,33 +135,6 @@ def test_warm_up_does_not_depend_on_the_total_and_the_schedule_ends_at_zero():
     assert [rate(s, 1000) for s in (0, 50, 99)] == [rate(s, 7000) for s in (0, 50, 99)]
     assert rate(99, 1000) == pytest.approx(1e-3)
     assert rate(999, 1000) < 1e-7 and rate(550, 1000) == pytest.approx(5e-4, rel=0.01)
-
-
-def test_a_time_budget_fixes_the_step_count_after_the_probe():
-    from nextstep_core.demo.stage import StepBudget
-
-    messages = []
-    budget = StepBudget(0, minutes=0.5, start=0, log=messages.append, probe=3)
-    assert budget.total(0) > 10**8  # still probing
-    time.sleep(0.03)
-    total = budget.total(3)
-    assert 3 < total < 10**8 and budget.total(4) == total
-    assert messages == [messages[0]] and f"steps set to {total}" in messages[0]
-    with pytest.raises(SystemExit, match="--minutes"):
-        StepBudget(0, None, 0, print)
-
-
-def test_a_spent_time_budget_saves_and_says_how_to_finish():
-    from nextstep_core.demo.stage import StepBudget
-
-    messages, saved = [], []
-    budget = StepBudget(40, minutes=1e-9, start=5, log=messages.append)
-    assert [step for step, _ in budget.run(save_every=100, save=saved.append)] == [5]
-    assert saved == [6]
-    assert messages == ["stopped at step 6 of 40: the 1e-09 min budget is spent (run again with --steps 40 to finish)"]
-    messages.clear()
-    assert len(list(StepBudget(3, None, 0, messages.append).run(save_every=2, save=saved.append))) == 3
-    assert saved == [6, 2, 3] and messages == []  # a finished run says nothing
 
 
 def test_model_stage_can_start_from_an_earlier_runs_weights(tmp_path):
