@@ -47,6 +47,25 @@ def test_attribute_rates_on_true_and_wrong_scenes():
     assert wrong["color_position"] < 0.2 and wrong["and_size"] <= wrong["and_shape"] <= wrong["color_position"]
 
 
+def test_named_order_pairs_say_whether_objects_come_in_the_order_named():
+    from nextstep_core.demo.evaluate import named_order_pairs
+    from nextstep_core.demo.phrasing import scene_request
+    from nextstep_core.demo.scenes import Scene, SceneObject, render
+
+    # a red circle top left, a blue square in the center, a green triangle bottom right
+    scene = Scene(64, 64, "white", None, (SceneObject("circle", "red", "large", 10.5, 10.5),
+                                          SceneObject("square", "blue", "small", 32.0, 32.0),
+                                          SceneObject("triangle", "green", "small", 53.0, 53.0)))
+    named = list(scene_request(scene).objects)
+    assert named_order_pairs(render(scene), named) == [True, True]
+    assert named_order_pairs(render(scene), named[::-1]) == [False, False]
+    assert named_order_pairs(render(scene), [named[2], named[0], named[1]]) == [False, True]
+    # an object drawn twice, or not at all, leaves its pairs out
+    doubled = Scene(64, 64, "white", None, scene.objects + (SceneObject("circle", "red", "small", 53.0, 10.5),))
+    assert named_order_pairs(render(doubled), named) == [True]
+    assert named_order_pairs(render(Scene(64, 64, "white", None, scene.objects[1:])), named) == [True]
+
+
 def test_teacher_forced_score_of_the_demo_model(demo):
     """Fed the true tokens, the demo model draws what the caption says (it scores ~0.95 on 100)."""
     from nextstep_core.demo.evaluate import held_out_scenes, teacher_forced_score

@@ -30,7 +30,7 @@ from .checker import find_objects, parse_caption, score, score_specs
 from .data import parse_scene_sizes
 from .objective import TrainingBatch, image_conditions, sequence_embeddings
 from .phrasing import FORMS, form_phrasing, phrase, phrase_instruction, random_phrasing, scene_request
-from .scenes import EDIT_KINDS, caption, random_edit, random_scene, render
+from .scenes import EDIT_KINDS, POSITIONS, caption, random_edit, random_scene, render
 
 HELD_OUT_SEED = 1000
 EDIT_SEED = 2000
@@ -93,17 +93,32 @@ def draw_captions(pipe: NextStepPipeline, texts: list[str], size=(64, 64), *, se
     return images
 
 
+def named_order_pairs(image, objects) -> list[bool]:
+    """For each two objects named one after the other, both found exactly once (by colour and
+    shape): whether the first comes first in reading order (POSITIONS). Training names objects
+    without positions in reading order (phrasing.in_reading_order), so a model that learned it
+    draws them in the order the caption names them."""
+    found = find_objects(image)
+    cells = []
+    for spec in objects:
+        hits = [f for f in found if (f.color, f.shape) == (spec.color, spec.shape)]
+        cells.append(POSITIONS.index(hits[0].position) if len(hits) == 1 else None)
+    return [a < b for a, b in zip(cells, cells[1:]) if a is not None and b is not None]
+
+
 def free_phrasing_scores(pipe: NextStepPipeline, *, captions: int = 48, edits: int = 48, sizes=FREE_SIZES,
                          seed: int = 0, batch: int = 12, **sampling) -> dict:
     """Checker scores of free-phrased held-out captions per size and per form (over every size),
     and of free-phrased edits (64x64) per form: the demo model asked the way people ask."""
-    started, per_size, per_form = time.perf_counter(), {}, {}
+    started, per_size, per_form, in_order = time.perf_counter(), {}, {}, []
     for width, height in sizes:
         prompts, scores = free_phrased_captions(captions, (width, height)), []
         images = draw_captions(pipe, [p[1] for p in prompts], (width, height), seed=seed, batch=batch, **sampling)
         for (form, _, objects, background), image in zip(prompts, images):
             scores.append(score_specs(image, objects, background))
             per_form.setdefault(form, []).append(scores[-1])
+            if form == "no_position":
+                in_order += named_order_pairs(image, objects)
         per_size[f"{width}x{height}"] = float(np.mean(scores))
     edit_forms = {}
     for k, (form, source, text, objects, background) in enumerate(free_phrased_edits(edits)):
@@ -111,6 +126,8 @@ def free_phrasing_scores(pipe: NextStepPipeline, *, captions: int = 48, edits: i
         edit_forms.setdefault(form, []).append(score_specs(result.to_pil()[0], objects, background))
     return {"free_caption_score_per_size": per_size,
             "free_caption_score_per_form": {f: float(np.mean(v)) for f, v in per_form.items()},
+            "no_position_in_named_order": float(np.mean(in_order)) if in_order else None,
+            "no_position_pairs": len(in_order),
             "free_edit_score": float(np.mean([s for v in edit_forms.values() for s in v])) if edits else None,
             "free_edit_score_per_form": {f: float(np.mean(v)) for f, v in edit_forms.items()},
             "free_captions_per_size": captions, "free_edits": edits,
