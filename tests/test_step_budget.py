@@ -26,6 +26,9 @@ def test_a_spent_time_budget_saves_and_says_how_to_finish():
     assert [step for step, _ in budget.run(save_every=100, save=saved.append)] == [5]
     assert saved == [6]
     assert messages == ["stopped at step 6 of 40: the 1e-09 min budget is spent (run again with --steps 40 to finish)"]
+    messages.clear()  # spent while still timing the first steps: no step count to give
+    assert len(list(StepBudget(0, 1e-9, 0, messages.append).run(save_every=100, save=saved.append))) == 1
+    assert messages == ["stopped at step 1: the 1e-09 min budget ran out before the step count was fixed"]
     messages.clear()
     assert len(list(StepBudget(3, None, 0, messages.append).run(save_every=2, save=saved.append))) == 3
-    assert saved == [6, 2, 3] and messages == []  # a finished run says nothing
+    assert saved == [6, 1, 2, 3] and messages == []  # a finished run says nothing

@@ -109,7 +109,9 @@ def named_order_pairs(image, objects) -> list[bool]:
 def free_phrasing_scores(pipe: NextStepPipeline, *, captions: int = 48, edits: int = 48, sizes=FREE_SIZES,
                          seed: int = 0, batch: int = 12, **sampling) -> dict:
     """Checker scores of free-phrased held-out captions per size and per form (over every size),
-    and of free-phrased edits (64x64) per form: the demo model asked the way people ask."""
+    and of free-phrased edits (64x64) per form: the demo model asked the way people ask. Also the
+    share of the "no_position" captions' consecutive object pairs drawn in the order named
+    (`named_order_pairs`), with the number of such pairs."""
     started, per_size, per_form, in_order = time.perf_counter(), {}, {}, []
     for width, height in sizes:
         prompts, scores = free_phrased_captions(captions, (width, height)), []

@@ -111,7 +111,10 @@ class StepBudget:
             if step % save_every == 0 or done:
                 save(step)
             if done:
-                if step < self.total(step):
-                    self.log(f"stopped at step {step} of {self.total(step)}: the {self.minutes} min budget is "
-                             f"spent (run again with --steps {self.total(step)} to finish)")
+                if self.steps <= 0:  # still timing the first steps: no count to finish with
+                    self.log(f"stopped at step {step}: the {self.minutes} min budget ran out before the step "
+                             "count was fixed")
+                elif step < self.steps:
+                    self.log(f"stopped at step {step} of {self.steps}: the {self.minutes} min budget is "
+                             f"spent (run again with --steps {self.steps} to finish)")
                 return
