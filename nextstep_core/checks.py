@@ -19,6 +19,8 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import NextStepError
 
+IMAGE_MARKER = "<image>"  # where an edit prompt puts the input image
+
 
 def check_number(name: str, value, *, minimum: float | None = None, maximum: float | None = None,
                  hint: str = "") -> float:

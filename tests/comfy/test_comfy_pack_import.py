@@ -1,9 +1,32 @@
-"""Without ComfyUI the pack folder imports cleanly and defines no ComfyUI entry point (runs everywhere)."""
+"""Importing the pack: without ComfyUI it defines no entry point (runs everywhere); inside ComfyUI
+it loads no training or scene code of the demo model, only its word list."""
 
 import importlib.util
+import subprocess
 import sys
 
-from comfy_harness import REPO
+from comfy_harness import COMFY_DIR, REPO, needs_comfyui
+
+# What ComfyUI does with a custom node folder (nodes.py load_custom_node): the folder imported as
+# a package under its own name, then its V3 entry point asked for the node list.
+IMPORT_AS_COMFYUI_DOES = """
+import asyncio, importlib.util, os, sys
+comfy_dir, pack = sys.argv[1], sys.argv[2]
+sys.path.insert(0, comfy_dir)
+os.chdir(comfy_dir)
+sys.argv = ["main.py", "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+spec = importlib.util.spec_from_file_location("ComfyUI-NextStep", os.path.join(pack, "__init__.py"),
+                                              submodule_search_locations=[pack])
+module = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = module
+spec.loader.exec_module(module)
+extension = asyncio.run(module.comfy_entrypoint())
+nodes = asyncio.run(extension.get_node_list())
+print(len(nodes))
+print(" ".join(sorted(name for name in sys.modules if name.startswith("ComfyUI-NextStep.nextstep_core.demo"))))
+"""
 
 
 def test_pack_imports_without_comfyui():
@@ -17,3 +40,14 @@ def test_pack_imports_without_comfyui():
     finally:
         del sys.modules[spec.name]
     assert not hasattr(module, "comfy_entrypoint")
+
+
+@needs_comfyui
+def test_loading_the_pack_imports_only_the_demo_word_list(tmp_path):
+    result = subprocess.run([sys.executable, "-c", IMPORT_AS_COMFYUI_DOES, str(COMFY_DIR), str(REPO)],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    count, demo_modules = result.stdout.strip().splitlines()[-2:]
+    assert int(count) >= 7
+    assert demo_modules.split() == ["ComfyUI-NextStep.nextstep_core.demo",
+                                    "ComfyUI-NextStep.nextstep_core.demo.vocabulary"]
