@@ -33,6 +33,7 @@ from .sampling.settings import (
 if TYPE_CHECKING:
     from .engine.latents import LatentImage
     from .pipeline import GenerationInterrupted, GenerationResult, NextStepPipeline, ProgressCallback
+    from .request import Given, Guidance, Output, Request, Sampling, resolve
 
 # The small demo model shipped inside the package (the CLI's default model).
 DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
@@ -41,6 +42,7 @@ DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
 LAZY_NAMES = {name: "pipeline" for name in
               ("NextStepPipeline", "GenerationResult", "GenerationInterrupted", "ProgressCallback")}
 LAZY_NAMES["LatentImage"] = "engine.latents"  # light: torch only, no transformers
+LAZY_NAMES.update({name: "request" for name in ("Request", "Sampling", "Guidance", "Given", "Output", "resolve")})
 
 __all__ = [
     "CFG_SCHEDULES",
@@ -51,11 +53,17 @@ __all__ = [
     "SAMPLERS",
     "GenerationInterrupted",
     "GenerationResult",
+    "Given",
+    "Guidance",
     "LatentImage",
     "NextStepError",
     "NextStepPipeline",
+    "Output",
     "ProgressCallback",
+    "Request",
     "SamplerSettings",
+    "Sampling",
+    "resolve",
 ]
 
 

@@ -55,6 +55,24 @@ def check_image_size(width, height, multiple: int) -> tuple[int, int]:
     return int(height) // multiple, int(width) // multiple
 
 
+def check_image_markers(prompts: list[str], editing: bool, negative: str | None = None,
+                        positive: str | None = None) -> None:
+    """Each prompt holds exactly one `<image>` marker when editing and none otherwise; the
+    negative and positive texts hold none."""
+    markers = [p.count(IMAGE_MARKER) for p in prompts]
+    if not editing:
+        if any(markers):
+            raise NextStepError(f"the prompt has an `{IMAGE_MARKER}` marker but no input image was given")
+    elif not all(markers):
+        raise NextStepError(f"an input image was given but the edit prompt has no `{IMAGE_MARKER}` marker")
+    elif any(m > 1 for m in markers):
+        raise NextStepError(f"the edit prompt has {max(markers)} `{IMAGE_MARKER}` markers; use exactly one")
+    for what, text in (("negative", negative), ("positive", positive)):
+        if text and IMAGE_MARKER in text:
+            raise NextStepError(f"the {what} prompt has an `{IMAGE_MARKER}` marker; only the prompt itself may "
+                                "hold one")
+
+
 def check_device(device: str | torch.device) -> torch.device:
     """A device this machine has: cpu, cuda[:N] with a CUDA GPU N present, mps where available."""
     try:
@@ -116,16 +134,17 @@ def check_output_path(path: str | Path) -> Path:
 
 
 def image_to_pixels(image: Image.Image | torch.Tensor) -> torch.Tensor:
-    """PIL image, or float tensor (H, W, 3) / (1, H, W, 3) in [0, 1] -> pixels (1, 3, H, W) in [-1, 1]."""
+    """A PIL image -> pixels (1, 3, H, W) float32 (its 8-bit RGB values x / 127.5 - 1); an image
+    tensor (H, W, 3) or (B, H, W, 3) in [0, 1] -> pixels (B, 3, H, W) in [-1, 1], in its dtype."""
     if isinstance(image, Image.Image):
         array = np.asarray(image.convert("RGB"), dtype=np.float32)
-        return torch.from_numpy(array).permute(2, 0, 1)[None] / 127.5 - 1
+        return torch.from_numpy(array.copy()).permute(2, 0, 1)[None] / 127.5 - 1
     if isinstance(image, torch.Tensor):
         x = image if image.dim() == 4 else image[None]
-        if x.dim() != 4 or x.shape[0] != 1 or x.shape[-1] != 3:
+        if x.dim() != 4 or x.shape[-1] != 3:
             raise NextStepError(
                 f"input image tensor has shape {tuple(image.shape)}; expected (H, W, 3) or (1, H, W, 3)")
-        return x.permute(0, 3, 1, 2).float() * 2 - 1
+        return x.permute(0, 3, 1, 2) * 2 - 1
     raise NextStepError(f"input image of type {type(image).__name__} is not a PIL image, an image tensor "
                         "or a LatentImage")
 
@@ -156,25 +175,28 @@ def region_pixels(region) -> torch.Tensor:
     return (region.detach().cpu() > 0)
 
 
-def check_region(region, width: int, height: int) -> torch.Tensor:
-    """region_pixels(region), which must be the output's size and mark something to redraw."""
+EMPTY_REGION_HINT = " (mark the area to redraw with values > 0, white in a mask image)"
+
+
+def check_region(region, width: int, height: int, empty_hint: str = EMPTY_REGION_HINT) -> torch.Tensor:
+    """region_pixels(region), which must be the output's size and mark something to redraw
+    (`empty_hint` ends the message of an empty one: where to paint it)."""
     mask = region_pixels(region)
     h, w = mask.shape
     if (w, h) != (width, height):
         raise NextStepError(f"the region mask is {w}x{h} but the output is {width}x{height} (width x height): "
-                            "give a mask of the output's size")
+                            "give a mask of the output's size (it is not resized)")
     if not bool(mask.any()):
-        raise NextStepError("the region mask is all zero: nothing to redraw (mark the area to redraw with "
-                            "values > 0, white in a mask image)")
+        raise NextStepError(f"the region mask is all zero: nothing to redraw{empty_hint}")
     return mask
 
 
-def check_keep_rows(keep_rows, rows: int) -> int:
-    """keep_rows: a whole number of token rows (16 pixels each) from 0 to the image's `rows`."""
+def check_keep_rows(keep_rows, rows: int, pixels_per_token: int) -> int:
+    """keep_rows: a whole number of token rows from 0 to rows - 1 (at least one row is drawn)."""
     if isinstance(keep_rows, bool) or not isinstance(keep_rows, (int, float)) or not math.isfinite(keep_rows) \
-            or int(keep_rows) != keep_rows or not 0 <= keep_rows <= rows:
-        raise NextStepError(f"keep_rows {keep_rows} must be a whole number from 0 to {rows} (the output's "
-                            "token rows, 16 pixels each)")
+            or int(keep_rows) != keep_rows or not 0 <= keep_rows < rows:
+        raise NextStepError(f"keep_rows {keep_rows} must be a whole number from 0 to {rows - 1} (the output has "
+                            f"{rows} token rows of {pixels_per_token} pixels; at least one is drawn)")
     return int(keep_rows)
 
 

@@ -19,6 +19,7 @@ from . import DEMO_MODEL
 from .checks import check_device, check_output_path, read_image
 from .demo.vocabulary import demo_model_warning
 from .errors import NextStepError
+from .request import Given, Guidance, Output, Request, Sampling, resolve_folder
 from .sampling.settings import SAMPLERS
 
 
@@ -85,16 +86,9 @@ def write_png(picture, path: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
-def run_generate(args) -> list[Path]:
-    from .pipeline import NextStepPipeline
-
-    model = args.model
-    if model is None:
-        if not (DEMO_MODEL / "config.json").is_file():
-            raise NextStepError("no --model given and the embedded demo model is not shipped yet: pass --model DIR")
-        model = DEMO_MODEL
-    check_output_path(args.out)
-    check_device(args.device)
+def cli_request(args, model) -> Request:
+    """The request the command line asks for (the size defaults to 256, 64 for the demo model,
+    when there is no input image to take it from)."""
     image = read_image(args.image) if args.image else None
     reference = read_image(args.reference, "reference image") if args.reference else None
     # a pixel nonzero in any channel is to be redrawn (a greyscale conversion could round a dark one to 0)
@@ -104,9 +98,33 @@ def run_generate(args) -> list[Path]:
         default = 64 if model == DEMO_MODEL else 256  # the demo model was trained on 64-128 px scenes
         width = default if width is None else width
         height = default if height is None else height
+    return Request(
+        negative=args.negative, positive=args.positive, image=image,
+        sampling=Sampling(sampler=args.sampler, steps=args.steps, shift=args.shift, noise_level=args.noise_level,
+                          velocity_norm=args.velocity_norm, use_norm=args.use_norm),
+        guidance=Guidance(cfg=args.cfg, cfg_img=args.cfg_img, schedule=args.cfg_schedule),
+        given=Given(reference=reference, keep_rows=args.keep_rows, region=region, grow=args.grow),
+        output=Output(size=(width, height), num_images=args.num_images, seed=args.seed),
+    )
+
+
+def run_generate(args) -> list[Path]:
+    model = args.model
+    if model is None:
+        if not (DEMO_MODEL / "config.json").is_file():
+            raise NextStepError("no --model given and the embedded demo model is not shipped yet: pass --model DIR")
+        model = DEMO_MODEL
+    check_output_path(args.out)
+    check_device(args.device)
+    request = cli_request(args, model)
+    # Every setting is checked against the folder's config and tokenizer before a weight is read.
+    resolve_folder(model, request, args.prompt, vae_folder=args.vae, version=args.version)
+
+    from .pipeline import NextStepPipeline
 
     started = time.perf_counter()
-    pipe = NextStepPipeline.from_folder(model, args.vae, version=args.version, dtype=args.dtype, device=args.device)
+    pipe = NextStepPipeline.from_folder(model, args.vae, version=args.version, precision=args.dtype,
+                                        device=args.device)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     warning = demo_model_warning(pipe.folder, args.prompt)
     if warning:
@@ -118,13 +136,7 @@ def run_generate(args) -> list[Path]:
         if not args.quiet and (done == total or done % max(1, total // 20) == 0):
             print(f"\rtoken {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
 
-    result = pipe.generate(
-        args.prompt, width=width, height=height, negative=args.negative, positive=args.positive,
-        num_images=args.num_images, cfg=args.cfg, cfg_img=args.cfg_img, cfg_schedule=args.cfg_schedule,
-        sampler=args.sampler, steps=args.steps, shift=args.shift, noise_level=args.noise_level,
-        use_norm=args.use_norm, velocity_norm=args.velocity_norm, image=image, seed=args.seed, callback=progress,
-        reference=reference, keep_rows=args.keep_rows, region=region, grow=args.grow,
-    )
+    result = pipe.generate(args.prompt, request, callback=progress)
     paths = output_paths(args.out, len(result.images))
     for path, picture in zip(paths, result.to_pil()):
         write_png(picture, path)

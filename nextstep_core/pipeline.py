@@ -19,19 +19,19 @@ import torch
 from PIL import Image
 from transformers import DynamicCache, PreTrainedTokenizerBase, StaticCache
 
-from .checks import check_count, check_device, check_image_size, check_number, image_to_pixels
+from .checks import check_device, image_to_pixels
 from .engine.checkpoint import NextStepConfig, VersionSettings, inspect_model_folder
 from .engine.latents import LatentImage
 from .engine.model import NextStepModel, load_model, patchify, unpatchify
 from .engine.precision import for_device, parse_precision
-from .engine.prompt import IMAGE_MARKER, PLACEHOLDER, PromptRows, build_prompt_rows, load_tokenizer
+from .engine.prompt import PLACEHOLDER, PromptRows, load_tokenizer
 from .engine.vae import ImageTokenizer, load_image_tokenizer
 from .errors import NextStepError
 from .memory.offload import check_block_swap, enable_block_swap
-from .sampling.given import plan_given
+from .request import ImageInput, ModelFacts, Request, Resolved, image_input, input_size, resolve, sampler_settings
 from .sampling.graphs import graph_mode
 from .sampling.reference_loop import decode_tokens_reference
-from .sampling.settings import CFG_SCHEDULES, RECOMMENDED_STEPS, SamplerSettings
+from .sampling.settings import SamplerSettings
 from .sampling.token_loop import (
     DecodeRequest,
     GenerationInterrupted,
@@ -46,8 +46,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 LOOPS = ("fast", "reference")
 __all__ = ["NextStepPipeline", "GenerationResult", "GenerationInterrupted", "LatentImage", "ProgressCallback", "LOOPS",
-           "image_to_pixels"]
-ImageInput = Image.Image | torch.Tensor | LatentImage
+           "Request", "image_to_pixels"]
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -131,76 +130,42 @@ class NextStepPipeline:
     def pixels_per_token(self) -> int:
         return self.image_tokenizer.config.downsample * self.model.config.latent_patch_size
 
+    @property
+    def facts(self) -> ModelFacts:
+        """What resolving a request needs to know about this model (request.py)."""
+        vae = self.image_tokenizer.config
+        return ModelFacts(self.version, self.model.config, vae.downsample, vae.z_channels,
+                          self.model.max_image_tokens)
+
     def sampler_settings(self, sampler: str = "auto", steps: int | None = None, shift: float | None = None,
                          noise_level: float = 0.8, velocity_norm: bool = False,
                          editing: bool = False) -> SamplerSettings:
-        """The version's defaults where an option is left as auto/None (a few-step sampler's
-        steps default to its RECOMMENDED_STEPS)."""
-        v = self.version
-        name = v.sampler if sampler == "auto" else sampler
-        if steps is None:
-            steps = RECOMMENDED_STEPS.get(name, v.edit_steps if editing else v.steps)
-        settings = SamplerSettings(
-            name=name,
-            steps=steps,
-            shift=(v.edit_shift if editing else v.shift) if shift is None else shift,
-            noise_level=noise_level, velocity_norm=velocity_norm,
-        )
-        settings.validate()
-        return settings
+        """The version's defaults where an option is left as auto/None (request.sampler_settings)."""
+        return sampler_settings(self.version, sampler, steps, shift, noise_level, velocity_norm, editing)
+
+    def resolve(self, prompts: str | list[str], request: Request) -> Resolved:
+        """The request with this model's defaults filled and every check passed (request.resolve)."""
+        return resolve(self.facts, request, prompts, self.tokenizer)
 
     @torch.no_grad()
-    def generate(
-        self,
-        prompts: str | list[str],
-        *,
-        width: int | None = None,
-        height: int | None = None,
-        negative: str | None = None,
-        positive: str | None = None,
-        num_images: int = 1,
-        cfg: float | None = None,
-        cfg_img: float | None = None,
-        cfg_schedule: str = "constant",
-        sampler: str = "auto",
-        steps: int | None = None,
-        shift: float | None = None,
-        noise_level: float = 0.8,
-        use_norm: bool | None = None,
-        velocity_norm: bool = False,
-        image: ImageInput | None = None,
-        reference: ImageInput | None = None,
-        keep_rows: int = 0,
-        region: torch.Tensor | np.ndarray | Image.Image | None = None,
-        grow: int = 0,
-        seed: int = 0,
-        callback: ProgressCallback | None = None,
-        decode: bool = True,
-        loop: str = "fast",
-        exact: bool = True,
-        compile: bool = False,
-        graph: str | bool = "auto",
-    ) -> GenerationResult:
-        """Text-to-image, or editing when `image` is given (the prompt holds one `<image>` marker).
+    def generate(self, prompts: str | list[str], request: Request | None = None, *,
+                 callback: ProgressCallback | None = None, decode: bool = True, loop: str = "fast",
+                 exact: bool = True, compile: bool = False, graph: str | bool = "auto",
+                 **keywords) -> GenerationResult:
+        """Text-to-image, or editing when the request has an `image` (the prompt holds one `<image>` marker).
 
-        image: a PIL image, a pixel tensor (H, W, 3) in [0, 1], or a LatentImage, used as it is
-        (no encode: lossless edit chains; for 1.0 the generator still advances by the posterior
-        draw the pixel path makes, so the tokens' noise is the pixel path's).
-        Given tokens (nextstep-reference.md section 11; docs/given-tokens.md): their head is
-        not run and they draw no noise; the result's `given` marks them.
-        - keep_rows: continuation; the first keep_rows token rows (16 px each) are taken from
-          `reference` (PIL, pixel tensor or LatentImage, of the output's size; when editing,
-          the edit image unless `reference` is given);
-        - region: a mask of the output's size (tensor (H, W) / (1, H, W), > 0 = redraw; numpy
-          array; PIL image): every token whose 16x16 cell overlaps it is sampled (the cells
-          widened by `grow` tokens), the others are given from `reference`; when editing, from
-          the edit image unless `reference` says otherwise (a masked edit).
-        Tokens from pixels are the tokenizer's normalised posterior mean (no random draw);
-        from a LatentImage exactly its patchified latent.
+        request: what to generate (request.py: Request with its Sampling, Guidance, Given and
+        Output groups; None leaves everything to the model's defaults). keywords: the flat form
+        for scripts (width=, height=, seed=, cfg=, steps=, image=, keep_rows=, ...:
+        request.KEYWORDS), set on top of `request`. The request is resolved and checked before
+        any model work (NextStepError, one line).
 
-        width/height default to the input image's size when editing (else the reference's). Options left as None take
-        the checkpoint version's defaults (see checkpoint.VersionSettings). Raises NextStepError
-        for bad input before any model work.
+        The edit image is a PIL image, a pixel tensor (H, W, 3) in [0, 1], or a LatentImage, used
+        as it is (no encode: lossless edit chains; for 1.0 the generator still advances by the
+        posterior draw the pixel path makes, so the tokens' noise is the pixel path's). Given
+        tokens (nextstep-reference.md section 11; docs/given-tokens.md) run no head and draw no
+        noise; the result's `given` marks them. Tokens from pixels are the tokenizer's
+        normalised posterior mean (no random draw); from a LatentImage exactly its patchified latent.
 
         Speed options (sampling/token_loop.py): loop "fast" (default) or "reference" (the
         contract line by line, for comparison); exact=False lets the fast loop read each head
@@ -210,50 +175,25 @@ class NextStepPipeline:
         device and replays it for every later token ("on": also on other devices, as a recorded
         replay that checks the step is graph-safe; "off": never; see sampling/graphs.py).
         """
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        editing = image is not None
-        v = self.version
-        cfg = v.cfg if cfg is None else cfg
-        cfg_img = (v.edit_cfg_img if editing else 1.0) if cfg_img is None else cfg_img
-        use_norm = v.use_norm if use_norm is None else use_norm
-        settings = self.sampler_settings(sampler, steps, shift, noise_level, velocity_norm, editing)
-        source = self.check_request(prompts, image, cfg, cfg_img, cfg_schedule, num_images)
-        if reference is None and editing and (keep_rows or region is not None):
-            reference = image  # a masked edit keeps the edit image's own tokens
-        reference = None if reference is None else self.image_input(reference, "the reference")
+        request = (request or Request()).updated(**keywords) if keywords else (request or Request())
         if loop not in LOOPS:
             raise NextStepError(f"loop {loop!r} is not one of {', '.join(LOOPS)}")
         graph_steps = None if loop == "reference" else graph_mode(
             graph, self.device, block_swap=getattr(self.model, "block_swap", None) is not None, compile=compile)
-        for given_size in (self.input_size(source), self.input_size(reference)):
-            if width is None and height is None and given_size is not None:
-                width, height = given_size
-        if width is None or height is None:
-            raise NextStepError("give both width and height (or an input image to take them from)")
-        token_grid = check_image_size(width, height, self.pixels_per_token)
-        edit_size = self.input_size(source)
-        edit_grid = None if edit_size is None else check_image_size(*edit_size, self.pixels_per_token)
-        given_mask = plan_given(keep_rows=keep_rows, region=region, grow=grow, has_reference=reference is not None,
-                                reference_size=self.input_size(reference), token_grid=token_grid,
-                                pixels_per_token=self.pixels_per_token)
+        r = self.resolve(prompts, request)
+        token_grid, rows = r.token_grid, r.rows
 
-        rows = build_prompt_rows(
-            self.tokenizer, prompts, token_grid=token_grid, negative=negative, positive=positive,
-            images_per_prompt=num_images, edit_grid=edit_grid, cfg=cfg, cfg_img=cfg_img,
-            prepend_bos=v.prepend_bos,
-        )
-        self.check_sequence_length(rows, token_grid)
-
-        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        generator = torch.Generator(device="cpu").manual_seed(int(r.seed))
         image_tokens = None
-        if source is not None:
-            image_tokens = self.encode_edit_image(source, int(rows.image_rows.sum()), generator, seed)
-        given_tokens = None if given_mask is None else self.reference_tokens(reference)
+        if r.image is not None:
+            image_tokens = self.encode_edit_image(r.image, int(rows.image_rows.sum()), generator, r.seed)
+        given_tokens = None if r.given_mask is None else self.reference_tokens(r.reference)
         static = loop == "fast" and (not exact or graph_steps is not None)
         static_tokens = token_grid[0] * token_grid[1] if static else None
         hidden, cache, mask = self.prefill(rows, image_tokens, static_tokens)
-        request = DecodeRequest(rows, token_grid, num_images, len(prompts), cfg, cfg_img, cfg_schedule, settings,
-                                use_norm, generator, callback, given_tokens, given_mask)
+        request = DecodeRequest(rows, token_grid, r.num_images, len(r.prompts), r.cfg, r.cfg_img, r.schedule,
+                                r.settings, r.use_norm, generator, callback, given_tokens, r.given_mask,
+                                **parallel_options(r))
         with cpu_threads(1 if runs_best_on_one_thread(self.model, self.device) else None):  # small models, CPU
             if loop == "reference":
                 tokens = decode_tokens_reference(self.model, self.version, hidden, cache, mask, request)
@@ -265,26 +205,16 @@ class NextStepPipeline:
         if decode:
             pixels_out = self.image_tokenizer.decode(latents.to(self.dtype))
             images = ((pixels_out.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
-        return GenerationResult(tokens, latents, images, token_grid, given_mask)
+        return GenerationResult(tokens, latents, images, token_grid, r.given_mask)
 
     def image_input(self, image: ImageInput, what: str) -> torch.Tensor | LatentImage:
         """An image argument as pixels (1, 3, H, W) in [-1, 1], or the LatentImage checked against
         the image tokenizer's channels."""
-        if not isinstance(image, LatentImage):
-            return image_to_pixels(image)
-        channels = self.image_tokenizer.config.z_channels
-        if image.channels != channels:
-            raise NextStepError(f"{what} LatentImage has {image.channels} channels but this model's image tokenizer "
-                                f"makes {channels}: use a latent of this model")
-        return image
+        return image_input(image, what, self.image_tokenizer.config.z_channels)
 
     def input_size(self, image: torch.Tensor | LatentImage | None) -> tuple[int, int] | None:
         """(width, height) in pixels of a checked image input."""
-        if image is None:
-            return None
-        if isinstance(image, LatentImage):
-            return image.pixel_size(self.image_tokenizer.config.downsample)
-        return image.shape[-1], image.shape[-2]
+        return input_size(image, self.image_tokenizer.config.downsample)
 
     def reference_tokens(self, reference: torch.Tensor | LatentImage) -> torch.Tensor:
         """The given tokens (num_tokens, token_dim): a LatentImage's patchified latent, exactly;
@@ -294,42 +224,6 @@ class NextStepPipeline:
         else:
             latent = self.image_tokenizer.encode(reference.to(self.device, self.dtype))
         return patchify(latent, self.model.config.latent_patch_size)[0]
-
-    def check_request(self, prompts: list[str], image: ImageInput | None, cfg: float, cfg_img: float,
-                      cfg_schedule: str, num_images: int) -> torch.Tensor | LatentImage | None:
-        if not prompts:
-            raise NextStepError("no prompt given")
-        check_number("cfg", cfg, minimum=1, hint=" (1 turns text guidance off)")
-        check_number("cfg_img", cfg_img, minimum=1, hint=" (1 turns image guidance off)")
-        if cfg_schedule not in CFG_SCHEDULES:
-            raise NextStepError(f"cfg schedule {cfg_schedule!r} is not one of {', '.join(CFG_SCHEDULES)}")
-        check_count("number of images", num_images)
-        markers = [p.count(IMAGE_MARKER) for p in prompts]
-        if image is None:
-            if any(markers):
-                raise NextStepError("the prompt has an `<image>` marker but no input image was given")
-            return None
-        if not all(markers):
-            raise NextStepError("an input image was given but the edit prompt has no `<image>` marker")
-        if any(m > 1 for m in markers):
-            raise NextStepError(f"the edit prompt has {max(markers)} `<image>` markers; use exactly one")
-        return self.image_input(image, "the edit image")
-
-    def check_sequence_length(self, rows: PromptRows, token_grid: tuple[int, int]) -> None:
-        num_tokens = token_grid[0] * token_grid[1]
-        size = f"{token_grid[1] * self.pixels_per_token}x{token_grid[0] * self.pixels_per_token}"
-        table = self.model.max_image_tokens
-        if table is not None and num_tokens > table:
-            raise NextStepError(
-                f"image size {size} needs {num_tokens} image tokens; this model's position table covers {table}")
-        total = rows.input_ids.shape[1] + num_tokens
-        limit = self.model.config.max_position_embeddings
-        if total > limit:
-            raise NextStepError(
-                f"image size {size} needs {num_tokens} image tokens plus {rows.input_ids.shape[1]} prompt tokens "
-                f"= {total}; "
-                f"the model's positions allow {limit}: use a smaller image or a shorter prompt"
-            )
 
     def encode_edit_image(self, image: torch.Tensor | LatentImage, image_rows: int, generator: torch.Generator,
                           seed: int) -> torch.Tensor:
@@ -375,6 +269,17 @@ class NextStepPipeline:
         out = self.model.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                   cache=cache, use_cache=True)
         return out.last_hidden_state[:, -1], cache, mask
+
+
+def parallel_options(r: Resolved) -> dict:
+    """The several-tokens-per-pass options for DecodeRequest, passed only when asked for, so this
+    works with a token loop that does not have them yet."""
+    options = {}
+    if r.parallel_window:
+        options["parallel_window"] = r.parallel_window
+    if r.head_steps_floor is not None:
+        options["head_steps_floor"] = r.head_steps_floor
+    return options
 
 
 def check_vae_channels(config: NextStepConfig, image_tokenizer: ImageTokenizer, vae_folder: str | Path) -> None:

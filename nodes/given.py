@@ -12,7 +12,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .model import NextStepModelType
-from .reference import check_keep_rows, reference_input, region_mask
+from .reference import reference_input, region_mask
 from .sample import generate, sampling_inputs, text_inputs
 
 
@@ -65,7 +65,6 @@ class NextStepContinueImage(io.ComfyNode):
     @classmethod
     def execute(cls, model, prompt, keep_rows, image=None, latent=None, **kw) -> io.NodeOutput:
         reference = reference_input(model, image, latent, "NextStep Continue Image")
-        check_keep_rows(keep_rows, reference.height)
         return io.NodeOutput(generate(
             model, prompt, width=reference.width, height=reference.height, reference=reference.source,
             keep_rows=keep_rows, **settings(kw)))
@@ -99,7 +98,7 @@ class NextStepRegenerateRegion(io.ComfyNode):
     @classmethod
     def execute(cls, model, prompt, mask, grow, image=None, latent=None, **kw) -> io.NodeOutput:
         reference = reference_input(model, image, latent, "NextStep Regenerate Region")
-        region = region_mask(mask, reference.width, reference.height, "NextStep Regenerate Region")
+        region = region_mask(mask, reference.width, reference.height)
         return io.NodeOutput(generate(
             model, prompt, width=reference.width, height=reference.height, reference=reference.source,
             region=region, grow=grow, **settings(kw)))

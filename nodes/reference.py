@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from ..nextstep_core import LatentImage
+from ..nextstep_core.checks import check_region
 from ..nextstep_core.errors import NextStepError
 from .latent import from_latent_dict
 
-PIXELS_PER_TOKEN = 16  # 8 (autoencoder) x 2 (token patch), the same for every released checkpoint
-LATENT_SCALE = 8  # pixels per latent position
+EMPTY_MASK_HINT = " (paint the area to redraw in Load Image's mask editor: the painted area is the mask)"
 
 
 @dataclass(frozen=True)
@@ -34,44 +34,26 @@ class Reference:
 
 
 def reference_input(model, image, latent, node: str) -> Reference:
-    """The one reference of `node` from its IMAGE or its LATENT input."""
+    """The one reference of `node` from its IMAGE or its LATENT input; a LATENT's pixel size is the
+    loaded model's (its image tokenizer's downsample factor)."""
     if image is not None and latent is not None:
         raise NextStepError(f"connect either the image or the latent reference of {node}, not both")
     if image is None and latent is None:
         raise NextStepError(f"{node} needs a reference: connect an image or a latent")
-    if latent is not None:
-        samples = from_latent_dict(latent, model.vae.config, "reference latent")
-        count, height, width = samples.shape[0], samples.shape[2] * LATENT_SCALE, samples.shape[3] * LATENT_SCALE
-    else:
-        count, height, width = image.shape[0], image.shape[1], image.shape[2]
+    samples = None if latent is None else from_latent_dict(latent, model.vae.config, "reference latent")
+    count = image.shape[0] if samples is None else samples.shape[0]
     if count != 1:
         raise NextStepError(f"the reference holds {count} images; {node} takes one image at a time "
                             "(use batch_size for several results)")
-    source = LatentImage(samples) if latent is not None else image[..., :3]
+    if samples is None:
+        return Reference(image[..., :3], image.shape[2], image.shape[1])
+    source = LatentImage(samples)
+    width, height = source.pixel_size(model.pipe.image_tokenizer.config.downsample)
     return Reference(source, width, height)
 
 
-def region_mask(mask: torch.Tensor, width: int, height: int, node: str) -> torch.Tensor:
-    """A ComfyUI MASK -> (H, W) float32 on the CPU, checked against the output size and for being empty."""
-    if mask.dim() == 3:
-        if mask.shape[0] != 1:
-            raise NextStepError(f"the mask holds {mask.shape[0]} masks; {node} takes one")
-        mask = mask[0]
-    if mask.dim() != 2:
-        raise NextStepError(f"the mask has shape {tuple(mask.shape)}; {node} takes a MASK (height, width)")
-    if tuple(mask.shape) != (height, width):
-        raise NextStepError(f"the mask is {mask.shape[1]}x{mask.shape[0]} pixels but the image is {width}x{height}; "
-                            "give a mask of the image's size (it is not resized)")
-    mask = mask.float().cpu()
-    if not bool((mask > 0).any()):
-        raise NextStepError("the mask is empty: paint the region to redraw (e.g. in Load Image's mask editor: "
-                            "the painted area is the mask)")
+def region_mask(mask: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """A ComfyUI MASK ((1, H, W) or (H, W), > 0 = redraw), checked by the engine against the output's
+    size and for being empty, before the model is moved or run."""
+    check_region(mask, width, height, empty_hint=EMPTY_MASK_HINT)
     return mask
-
-
-def check_keep_rows(keep_rows: int, height: int) -> None:
-    """keep_rows must leave at least one image-token row to generate."""
-    rows = height // PIXELS_PER_TOKEN
-    if keep_rows >= rows:
-        raise NextStepError(f"keep_rows {keep_rows} keeps the whole image: it is {height} pixels high, {rows} token "
-                            f"rows of 16 pixels; keep fewer rows than that")

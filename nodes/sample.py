@@ -14,22 +14,25 @@ from comfy_api.latest import io
 from comfy_execution.utils import get_executing_context
 
 from ..nextstep_core import CFG_SCHEDULES, SAMPLERS
-from ..nextstep_core.checks import check_image_size
+from ..nextstep_core.checks import IMAGE_MARKER, check_image_markers, check_image_size
 from ..nextstep_core.demo.vocabulary import demo_model_warning
-from ..nextstep_core.engine.prompt import IMAGE_MARKER
 from ..nextstep_core.errors import NextStepError
+from ..nextstep_core.request import Given, Guidance, Output, Request, Sampling
 from .latent import to_latent_dict
 from .model import LoadedNextStep, NextStepModelType, load_onto_device, release_swap
 from .preview import TokenProgress
-from .reference import PIXELS_PER_TOKEN, reference_input, region_mask
+from .reference import reference_input, region_mask
 
 MAX_SIZE = 4096
+# The size widgets' step, before any model is loaded: the token size of every released checkpoint.
+# At run time the engine checks the size against the loaded model's own token size.
+SIZE_STEP = 16
 USE_NORM = {"auto": None, "on": True, "off": False}
 
 
 def size_inputs(default: int, minimum: int, zero_hint: str = "") -> list:
     return [
-        io.Int.Input(side, default=default, min=minimum, max=MAX_SIZE, step=PIXELS_PER_TOKEN,
+        io.Int.Input(side, default=default, min=minimum, max=MAX_SIZE, step=SIZE_STEP,
                      tooltip=f"Image {side} in pixels, a multiple of 16 "
                              f"(each image token covers 16x16 pixels).{zero_hint}")
         for side in ("width", "height")
@@ -99,10 +102,19 @@ def generate(model: LoadedNextStep, prompt: str, *, width: int, height: int, ima
              velocity_norm, reference=None, keep_rows=0, region=None, grow=0) -> dict:
     """Run the engine with progress and interrupt wired to ComfyUI; returns a LATENT dict.
 
-    image: the edit reference; reference, keep_rows, region, grow: the given tokens (continuation,
-    region redraw, masked edit), passed to the engine as they are."""
+    The widgets become the engine's request (steps and shift 0: the model's default), resolved
+    and checked by the engine before the model is moved or run. image: the edit reference;
+    reference, keep_rows, region, grow: the given tokens (continuation, region redraw, masked edit)."""
     pipe = model.pipe
-    grid = check_image_size(width, height, pipe.pixels_per_token)
+    request = Request(
+        negative=negative or None, positive=positive or None, image=image,
+        sampling=Sampling(sampler=sampler, steps=steps or None, shift=shift or None, noise_level=noise_level,
+                          velocity_norm=velocity_norm, use_norm=USE_NORM[use_norm]),
+        guidance=Guidance(cfg=cfg, cfg_img=cfg_img, schedule=cfg_schedule),
+        given=Given(reference=reference, keep_rows=keep_rows, region=region, grow=grow),
+        output=Output(size=(width, height), num_images=batch_size, seed=seed),
+    )
+    grid = pipe.resolve(prompt, request).token_grid
     warn_about_unknown_words(pipe, prompt)
     progress = TokenProgress(model.vae, grid, pipe.model.config.latent_patch_size)
     if image is not None or reference is not None or progress.previews:
@@ -110,13 +122,7 @@ def generate(model: LoadedNextStep, prompt: str, *, width: int, height: int, ima
         load_onto_device(model.patcher, model.vae.patcher)
     else:
         load_onto_device(model.patcher)
-    result = pipe.generate(
-        prompt, width=width, height=height, negative=negative or None, positive=positive or None,
-        num_images=batch_size, cfg=cfg, cfg_img=cfg_img, cfg_schedule=cfg_schedule, sampler=sampler,
-        steps=steps or None, shift=shift or None, noise_level=noise_level, use_norm=USE_NORM[use_norm],
-        velocity_norm=velocity_norm, image=image, seed=seed, callback=progress, decode=False,
-        reference=reference, keep_rows=keep_rows, region=region, grow=grow,
-    )
+    result = pipe.generate(prompt, request, callback=progress, decode=False)
     release_swap(model)
     return to_latent_dict(result.latents, model.vae.config)
 
@@ -133,21 +139,25 @@ class NextStepTextToImage(io.ComfyNode):
             inputs=[
                 NextStepModelType.Input("model", tooltip="The model from Load NextStep Model."),
                 *text_inputs("prompt", "What to draw."),
-                *size_inputs(512, PIXELS_PER_TOKEN),
+                *size_inputs(512, SIZE_STEP),
                 *sampling_inputs(editing=False),
             ],
             outputs=[io.Latent.Output(tooltip="The generated latent (16 channels, Flux layout).")],
         )
 
     @classmethod
-    def validate_inputs(cls, width=None, height=None):
-        # Named here, width and height skip ComfyUI's own range check: it is redone with the engine's.
+    def validate_inputs(cls, width=None, height=None, prompt=None, negative=None, positive=None):
+        # The values ComfyUI gives at queue time (not linked ones) go through the engine's checks; the
+        # whole request is resolved against the loaded model when the node runs. Named here, width and
+        # height skip ComfyUI's own range check: it is redone with the engine's.
         try:
             for side, value in (("width", width), ("height", height)):
                 if value is not None and value > MAX_SIZE:
                     raise NextStepError(f"{side} {value} is larger than {MAX_SIZE}")
             if width is not None and height is not None:
-                check_image_size(width, height, PIXELS_PER_TOKEN)
+                check_image_size(width, height, SIZE_STEP)
+            if prompt is not None:
+                check_image_markers([prompt], False, negative, positive)
         except NextStepError as exc:
             return str(exc)
         return True
@@ -200,10 +210,10 @@ class NextStepEditImage(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, instruction=None):
+    def validate_inputs(cls, instruction=None, negative=None, positive=None):
         if instruction is not None:
             try:
-                edit_prompt(instruction)
+                check_image_markers([edit_prompt(instruction)], True, negative, positive)
             except NextStepError as exc:
                 return str(exc)
         return True
@@ -216,7 +226,7 @@ class NextStepEditImage(io.ComfyNode):
         reference = reference_input(model, image, latent, "NextStep Edit Image")
         width = width or reference.width
         height = height or reference.height
-        region = None if mask is None else region_mask(mask, width, height, "NextStep Edit Image")
+        region = None if mask is None else region_mask(mask, width, height)
         return io.NodeOutput(generate(
             model, prompt, width=width, height=height, image=reference.source, region=region,
             negative=negative, positive=positive,

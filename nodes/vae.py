@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..nextstep_core.engine.vae import image_to_pixels, pixels_to_image
+from ..nextstep_core.checks import image_to_pixels
+from ..nextstep_core.engine.vae import pixels_to_image
 from .latent import from_latent_dict, to_latent_dict
 from .model import LoadedImageTokenizer, NextStepVAEType, load_onto_device, to_output
 

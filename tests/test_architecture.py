@@ -25,15 +25,18 @@ MAX_LINES = 400
 # Layers of the engine package: the module's first name below nextstep_core ("engine" for
 # nextstep_core.engine.vae, "pipeline" for nextstep_core.pipeline); "root" is nextstep_core/__init__.py,
 # "nodes" the ComfyUI glue. A layer may always import its own modules.
-ENGINE_LAYERS = {"root", "errors", "checks", "engine", "sampling", "memory", "pipeline", "cli", "__main__", "demo"}
+ENGINE_LAYERS = {"root", "errors", "checks", "engine", "sampling", "memory", "request", "pipeline", "cli", "__main__",
+                 "demo"}
 ALLOWED = {
     "errors": set(),
     "checks": {"errors"},  # the checks of user input (checks.py), as basic as errors
     "engine": {"errors", "checks"},
     "sampling": {"engine", "errors", "checks"},
     "memory": {"engine", "errors", "checks"},
-    "pipeline": {"engine", "sampling", "memory", "errors", "checks"},
-    "cli": {"pipeline", "sampling", "errors", "checks", "root", "demo"},  # demo: the default model's vocabulary
+    "request": {"engine", "sampling", "errors", "checks"},  # a request resolved against an inspected folder
+    "pipeline": {"engine", "sampling", "memory", "request", "errors", "checks"},
+    # demo: the default model's vocabulary
+    "cli": {"pipeline", "request", "sampling", "errors", "checks", "root", "demo"},
     "__main__": {"cli"},
     "root": ENGINE_LAYERS - {"demo", "cli", "__main__"},  # the public API: names re-exported from the layers
     "demo": ENGINE_LAYERS - {"cli", "__main__"},

@@ -77,9 +77,10 @@ ONE_CELL[0:16, 0:16] = 1
 LATENT = torch.zeros(1, 16, 4, 6)
 BAD_INPUT = [
     (dict(reference=SOURCE, keep_rows=1, region=ONE_CELL), "keep_rows and region cannot be used together"),
-    (dict(reference=SOURCE, keep_rows=3), "keep_rows 3 must be a whole number from 0 to 2 (the output's token rows"),
-    (dict(reference=SOURCE, keep_rows=-1), "keep_rows -1 must be a whole number from 0 to 2"),
-    (dict(reference=SOURCE, keep_rows=1.5), "keep_rows 1.5 must be a whole number from 0 to 2"),
+    (dict(reference=SOURCE, keep_rows=3),
+     "keep_rows 3 must be a whole number from 0 to 1 (the output has 2 token rows of 16 pixels"),
+    (dict(reference=SOURCE, keep_rows=-1), "keep_rows -1 must be a whole number from 0 to 1"),
+    (dict(reference=SOURCE, keep_rows=1.5), "keep_rows 1.5 must be a whole number from 0 to 1"),
     (dict(width=48, height=32, keep_rows=1), "keep_rows needs a reference image"),
     (dict(width=48, height=32, region=ONE_CELL), "a region redraw needs a reference image"),
     (dict(reference=SOURCE, width=32, height=32, keep_rows=1), "the reference is 48x32 but the output is 32x32"),
@@ -213,7 +214,7 @@ def test_cli_given_flags_write_what_the_api_makes(tiny_model_1_1, pipe_1_1, file
 @pytest.mark.parametrize("flags,message", [
     (["--keep-rows", "1"], "keep_rows needs a reference image"),
     (["--keep-rows", "1", "--reference", "REF", "--region", "MASK"], "keep_rows and region cannot be used together"),
-    (["--keep-rows", "5", "--reference", "REF"], "keep_rows 5 must be a whole number from 0 to 2"),
+    (["--keep-rows", "5", "--reference", "REF"], "keep_rows 5 must be a whole number from 0 to 1"),
     (["--region", "SMALL", "--reference", "REF"], "the region mask is 32x32 but the output is 48x32"),
     (["--region", "MISSING", "--reference", "REF"], "region mask"),
     (["--reference", "MISSING", "--keep-rows", "1"], "reference image"),

@@ -11,7 +11,7 @@ from PIL import Image
 
 import nextstep_core.pipeline as pipeline_module
 import nextstep_core.sampling.token_loop as token_loop
-from nextstep_core import LatentImage
+from nextstep_core import LatentImage, NextStepError
 from nextstep_core.pipeline import GenerationInterrupted
 from nextstep_core.sampling.samplers import prepare_sampler
 from nextstep_core.sampling.token_step import count_noise_draws
@@ -141,13 +141,10 @@ def test_sampled_positions_draw_exactly_their_noise_in_order(pipe_name, loop, re
     assert torch.equal(seen["generator"].get_state(), hand.get_state())
 
 
-@pytest.mark.parametrize("loop", ["fast", "reference"])
-def test_keeping_every_row_samples_nothing_and_returns_the_reference(pipe_1_0, loop, monkeypatch):
-    seen = draws_recorded(monkeypatch)
-    result = pipe_1_0.generate(PROMPTS, reference=SOURCE, keep_rows=2, steps=3, num_images=2, loop=loop)
-    assert result.given.all() and seen["blocks"] == []
-    assert torch.equal(result.tokens, reference_tokens(pipe_1_0).expand(4, -1, -1))
-    assert result.images.shape == (4, 32, 48, 3)
+def test_keeping_every_row_is_refused(pipe_1_0):
+    """keep_rows == rows would draw nothing: refused by the engine, as by the nodes (one check)."""
+    with pytest.raises(NextStepError, match=r"keep_rows 2 must be a whole number from 0 to 1 \(the output has 2 "):
+        pipe_1_0.generate(PROMPTS, reference=SOURCE, keep_rows=2, steps=3, num_images=2)
 
 
 @pytest.mark.parametrize("loop", ["fast", "reference"])

@@ -12,15 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from nextstep_core.checks import check_image_markers
 from nextstep_core.demo.tiny_tokenizer import BOS, EOS, NEXTSTEP_SPECIAL_TOKENS, special_token_ids, write_tiny_tokenizer
 from nextstep_core.engine.prompt import (
     SPECIAL,
     PromptRows,
     SpecialIds,
     build_prompt_rows,
-    check_edit_caption,
     check_placeholders,
-    count_image_markers,
     guidance_branches,
     load_tokenizer,
 )
@@ -266,12 +265,13 @@ def test_guidance_branch_names():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(captions=["make it green"], edit_grid=(2, 2)), "no `<image>` marker in the edit prompt"),
+    (dict(captions=["make it green"], edit_grid=(2, 2)),
+     "an input image was given but the edit prompt has no `<image>` marker"),
     (dict(captions=["<image> and <image>"], edit_grid=(2, 2)),
      "the edit prompt has 2 `<image>` markers; use exactly one"),
     (dict(captions=["<image> hi"]), "the prompt has an `<image>` marker but no input image was given"),
     (dict(captions=[]), "no prompt given"),
-    (dict(captions=["x"], images_per_prompt=0), "number of images 0 must be >= 1"),
+    (dict(captions=["x"], images_per_prompt=0), "number of images 0 must be a whole number >= 1"),
     (dict(captions=["x"], token_grid=(0, 4)), r"token grid of the image to generate \(0, 4\) must be"),
     (dict(captions=["x"], token_grid=(2, -1)), r"token grid of the image to generate \(2, -1\) must be"),
     (dict(captions=["<image>"], edit_grid=(3, 0)), r"token grid of the input image \(3, 0\) must be"),
@@ -284,11 +284,11 @@ def test_prompt_errors(tok, kwargs, message):
         build_prompt_rows(tok, kwargs.pop("captions"), **kwargs)
 
 
-def test_marker_helpers():
-    assert count_image_markers("<image> a <image>") == 2
-    check_edit_caption("a <image> b")
+def test_marker_check():
+    check_image_markers(["a <image> b"], editing=True)
+    check_image_markers(["a b"], editing=False, negative="c", positive="d")
     with pytest.raises(NextStepError, match="has 3 `<image>` markers"):
-        check_edit_caption("<image>" * 3)
+        check_image_markers(["<image> x", "<image>" * 3], editing=True)
 
 
 def test_merged_placeholders_are_refused():

@@ -122,7 +122,7 @@ def test_edit_two_and_one_branch_variants(tok, cfg, cfg_img, branches, image_row
 
 
 def test_prompt_errors(tok):
-    with pytest.raises(NextStepError, match="no `<image>` marker in the edit prompt"):
+    with pytest.raises(NextStepError, match="an input image was given but the edit prompt has no `<image>` marker"):
         build_prompt_rows(tok, ["make it green"], token_grid=(2, 2), edit_grid=(2, 2))
     with pytest.raises(NextStepError, match="the edit prompt has 2 `<image>` markers; use exactly one"):
         build_prompt_rows(tok, ["<image><image>"], token_grid=(2, 2), edit_grid=(2, 2))
@@ -130,7 +130,7 @@ def test_prompt_errors(tok):
         build_prompt_rows(tok, ["<image> hi"], token_grid=(2, 2))
     with pytest.raises(NextStepError, match="no prompt given"):
         build_prompt_rows(tok, [], token_grid=(2, 2))
-    with pytest.raises(NextStepError, match="number of images 0 must be >= 1"):
+    with pytest.raises(NextStepError, match="number of images 0 must be a whole number >= 1"):
         build_prompt_rows(tok, ["x"], token_grid=(2, 2), images_per_prompt=0)
 
 

@@ -17,11 +17,10 @@ from vae_helpers import (
     tiny_tokenizer,
 )
 
+from nextstep_core.checks import image_to_pixels
 from nextstep_core.engine.vae import (
     ImageTokenizer,
-    image_to_pixels,
     normalize_latent_positions,
-    pil_to_pixels,
     random_flux_state_dict,
 )
 from nextstep_core.engine.vae_files import (
@@ -277,7 +276,7 @@ def test_logvar_is_clamped_to_minus_30_and_20():
 
 def test_pixel_and_image_conversions():
     pil = Image.fromarray(np.array([[[0, 255, 51], [102, 204, 153]]], dtype=np.uint8))  # 1 x 2 RGB
-    pixels = pil_to_pixels(pil)
+    pixels = image_to_pixels(pil)
     assert pixels.shape == (1, 3, 1, 2) and pixels.dtype == torch.float32
     expected = torch.tensor([[0, 102], [255, 204], [51, 153]], dtype=torch.float32)[None, :, None] / 127.5 - 1
     # bit for bit here and below: the same float32 operations in the same order on the same numbers

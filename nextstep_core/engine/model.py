@@ -27,6 +27,8 @@ from .stream import SafetensorsFile
 
 DECODER_PREFIXES = ("embed_tokens.", "layers.", "norm.")
 
+POSITION_TABLE_TOKENS = 32 * 32  # image tokens the 1.0 position table (gen_pos_embed) covers
+
 
 def patchify(latent: torch.Tensor, patch: int = 2) -> torch.Tensor:
     """(B, C, H, W) latent -> (B, H/p * W/p, C*p*p) tokens, raster order, (c, p, q) inside a token."""
@@ -88,7 +90,7 @@ class NextStepModel(nn.Module):
         self.image_head = FlowHead(config.token_dim, hidden, head_dim, head_layers)
         # 1.0 checkpoints carry the (1, 32*32, hidden) table even where the config turns it off.
         if config.use_gen_pos_embed if position_table is None else position_table:
-            self.register_buffer("gen_pos_embed", torch.zeros(1, 32 * 32, hidden))
+            self.register_buffer("gen_pos_embed", torch.zeros(1, POSITION_TABLE_TOKENS, hidden))
         else:
             self.gen_pos_embed = None
 

@@ -36,8 +36,9 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
-from ..checks import IMAGE_MARKER
+from ..checks import IMAGE_MARKER, check_count, check_image_markers
 from ..errors import NextStepError
+from .checkpoint import TOKENIZER_FILES
 
 # Guidance branches, in row order: the conditional row first.
 COND, UNCOND_TEXT, UNCOND_IMAGE = "cond", "uncond_text", "uncond_image"
@@ -45,7 +46,6 @@ COND, UNCOND_TEXT, UNCOND_IMAGE = "cond", "uncond_text", "uncond_image"
 SPECIAL = dict(pad="[PAD]", image_area="<|image_area|>", boi="<|begin_of_image|>", eoi="<|end_of_image|>",
                placeholder="<|image_placeholder|>")
 PAD, IMAGE_AREA, BOI, EOI, PLACEHOLDER = (SPECIAL[k] for k in ("pad", "image_area", "boi", "eoi", "placeholder"))
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 @dataclass(frozen=True)
@@ -146,32 +146,6 @@ def guidance_branches(editing: bool, cfg: float, cfg_img: float) -> list[str]:
     return branches
 
 
-def count_image_markers(text: str) -> int:
-    """How many `<image>` markers `text` holds."""
-    return text.count(IMAGE_MARKER)
-
-
-def check_edit_caption(caption: str) -> None:
-    """An edit caption must hold exactly one `<image>` marker."""
-    count = count_image_markers(caption)
-    if count == 0:
-        raise NextStepError("no `<image>` marker in the edit prompt")
-    if count > 1:
-        raise NextStepError(f"the edit prompt has {count} `<image>` markers; use exactly one")
-
-
-def check_text_caption(caption: str) -> None:
-    """A text-to-image caption must hold no `<image>` marker."""
-    if count_image_markers(caption):
-        raise NextStepError("the prompt has an `<image>` marker but no input image was given")
-
-
-def check_suffix(text: str | None, what: str) -> None:
-    """The negative / positive prompts may not hold the `<image>` marker."""
-    if text and count_image_markers(text):
-        raise NextStepError(f"the {what} prompt has an `<image>` marker; only the prompt itself may hold one")
-
-
 def check_grid(grid: tuple[int, int], what: str) -> None:
     """A (rows, cols) token grid with both sides >= 1."""
     if len(grid) != 2 or any(int(side) != side or side < 1 for side in grid):
@@ -259,16 +233,11 @@ def check_request(captions: list[str], negative: str | None, positive: str | Non
     """Raise NextStepError for anything the caller can fix, before tokenising."""
     if not captions:
         raise NextStepError("no prompt given")
-    if int(images_per_prompt) != images_per_prompt or images_per_prompt < 1:
-        raise NextStepError(f"number of images {images_per_prompt} must be >= 1")
+    check_count("number of images", images_per_prompt)
     check_grid(token_grid, "token grid of the image to generate")
     if edit_grid is not None:
         check_grid(edit_grid, "token grid of the input image")
-    check_caption = check_text_caption if edit_grid is None else check_edit_caption
-    for caption in captions:
-        check_caption(caption)
-    check_suffix(negative, "negative")
-    check_suffix(positive, "positive")
+    check_image_markers(captions, edit_grid is not None, negative, positive)
 
 
 def build_prompt_rows(tokenizer: PreTrainedTokenizerBase, captions: list[str], *, token_grid: tuple[int, int],

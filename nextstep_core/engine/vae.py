@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
+from ..checks import image_to_pixels
 from ..errors import NextStepError
 from .vae_files import (
     VaeConfig,
@@ -75,20 +75,9 @@ def normalize_latent_positions(mean: torch.Tensor, psz: int | None) -> torch.Ten
     return back.reshape(b, c, h, w).to(mean.dtype)
 
 
-def image_to_pixels(images: torch.Tensor) -> torch.Tensor:
-    """images (B, H, W, 3) in [0, 1] -> pixels (B, 3, H, W) in [-1, 1]."""
-    return images.permute(0, 3, 1, 2) * 2 - 1
-
-
 def pixels_to_image(pixels: torch.Tensor) -> torch.Tensor:
     """pixels (B, 3, H, W), nominally [-1, 1] -> float32 images (B, H, W, 3), (x + 1) / 2 clamped to [0, 1]."""
     return ((pixels.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
-
-
-def pil_to_pixels(pil_image) -> torch.Tensor:
-    """A PIL image -> pixels (1, 3, H, W) float32: its 8-bit RGB values x / 127.5 - 1."""
-    array = np.asarray(pil_image.convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)[None] / 127.5 - 1
 
 
 # ----- the module -----
@@ -108,7 +97,7 @@ class ImageTokenizer(torch.nn.Module):
 
     image_to_pixels = staticmethod(image_to_pixels)
     pixels_to_image = staticmethod(pixels_to_image)
-    pil_to_pixels = staticmethod(pil_to_pixels)
+    pil_to_pixels = staticmethod(image_to_pixels)  # a PIL image -> pixels (1, 3, H, W) float32
 
     def check_pixels(self, pixels: torch.Tensor) -> None:
         """Refuse pixel tensors the encoder cannot turn into a whole latent grid."""

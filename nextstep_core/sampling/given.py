@@ -89,7 +89,7 @@ def plan_given(*, keep_rows, region, grow, has_reference: bool, reference_size: 
     image) the given tokens come from."""
     rows, cols = token_grid
     size = (cols * pixels_per_token, rows * pixels_per_token)
-    keep_rows = check_keep_rows(keep_rows, rows)
+    keep_rows = check_keep_rows(keep_rows, rows, pixels_per_token)
     grow = check_count("grow", grow, minimum=0)
     if keep_rows and region is not None:
         raise NextStepError("keep_rows and region cannot be used together: keep the top rows (continuation) "

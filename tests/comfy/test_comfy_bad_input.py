@@ -79,3 +79,10 @@ def test_two_image_markers_in_an_edit_instruction_are_a_node_error(comfy):
     prompt = {"1": loader("NextStep-1-Large-Edit"), "2": load_image,
               "3": edit("<image> <image> make it green", image=["2", 0]), "4": decode("3"), "5": save("4")}
     assert "the edit prompt has 2 `<image>` markers; use exactly one" in error_message(comfy, prompt)
+
+
+def test_marker_errors_are_refused_at_queue_time_by_the_engines_check(comfy):
+    """validate_inputs runs the engine's marker check on the values ComfyUI gives it: a 400, no run."""
+    status, answer = comfy.queue(t2i_prompt(negative="no <image>", seed=43))
+    assert status == 400, answer
+    assert "the negative prompt has an `<image>` marker" in json.dumps(answer.get("node_errors", {}))

@@ -216,10 +216,13 @@ def test_the_new_nodes_name_the_demo_models_unknown_words(comfy, node):
 @pytest.mark.parametrize("case, message", [
     ("both", "connect either the image or the latent reference of NextStep Continue Image, not both"),
     ("neither", "NextStep Regenerate Region needs a reference: connect an image or a latent"),
-    ("mask size", "the mask is 64x64 pixels but the image is 48x32"),
-    ("empty mask", "the mask is empty"),
-    ("keep_rows", "keep_rows 2 keeps the whole image"),
-    ("edit mask size", "the mask is 64x64 pixels but the image is 48x32"),
+    ("mask size", "the region mask is 64x64 but the output is 48x32 (width x height): give a mask of the output's "
+                  "size (it is not resized)"),
+    ("empty mask", "the region mask is all zero: nothing to redraw (paint the area to redraw in Load Image's mask "
+                   "editor: the painted area is the mask)"),
+    ("keep_rows", "keep_rows 2 must be a whole number from 0 to 1 (the output has 2 token rows of 16 pixels; at "
+                  "least one is drawn)"),
+    ("edit mask size", "the region mask is 64x64 but the output is 48x32"),
 ])
 def test_bad_given_token_inputs_are_node_errors(comfy, case, message):
     width, height = EXAMPLE_SIZE

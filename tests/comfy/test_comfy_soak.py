@@ -326,8 +326,7 @@ def test_bad_workflows_and_vanished_models_are_errors_and_the_server_goes_on(soa
     missing_input = t2i(seed=703)
     del missing_input["2"]["inputs"]["prompt"]
     cases = {
-        # ComfyUI's own refusals: only what names the user's thing is asserted, not its wording
-        "no class_type": (no_class, '"error"'),
+        "no class_type": (no_class, '"error"'),  # ComfyUI's refusals: its wording is not asserted
         "unknown node type": ({"1": {"class_type": "NoSuchNode", "inputs": {}}}, "NoSuchNode"),
         "link to a missing node": (dangling, '"error"'),
         "missing required input": (missing_input, input_named("prompt")),
