@@ -5,13 +5,13 @@ when they are missing there (nodes/examples.py)."""
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import given, loaders, sample, vae
+from . import given, loaders, sample, sampler, vae
 from .examples import install_example_inputs
 
 
 class NextStepExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*loaders.NODES, *sample.NODES, *given.NODES, *vae.NODES]
+        return [*loaders.NODES, *sampler.NODES, *sample.NODES, *given.NODES, *vae.NODES]
 
 
 async def comfy_entrypoint() -> NextStepExtension:

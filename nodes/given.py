@@ -14,6 +14,7 @@ from comfy_api.latest import io
 from .model import NextStepModelType
 from .reference import reference_input, region_mask
 from .sample import generate, sampling_inputs, text_inputs
+from .sampler import sampler_input
 
 
 def reference_inputs(what: str) -> list:
@@ -27,14 +28,15 @@ def reference_inputs(what: str) -> list:
 
 
 # The optional widgets' defaults: an API prompt may leave any optional input out.
-OPTIONAL_DEFAULTS = {i.id: i.default for i in [*text_inputs("prompt", ""), *sampling_inputs(editing=False)]
+OPTIONAL_DEFAULTS = {i.id: getattr(i, "default", None)  # a socket without a widget has no default: None
+                     for i in [*text_inputs("prompt", ""), *sampling_inputs(editing=False), sampler_input()]
                      if i.optional}
 
 
 def settings(kw: dict) -> dict:
     """The sampling widgets' values, as generate() takes them (an optional one left out: its default)."""
     names = ("negative", "positive", "batch_size", "seed", "cfg", "steps", "sampler", "shift", "noise_level",
-             "cfg_schedule", "use_norm", "velocity_norm")
+             "cfg_schedule", "use_norm", "velocity_norm", "sampler_settings")
     values = {**OPTIONAL_DEFAULTS, **kw}
     return {name: values[name] for name in names}
 
@@ -57,6 +59,7 @@ class NextStepContinueImage(io.ComfyNode):
                                      "(2 keeps the top 32 pixels). Must be fewer than the picture's rows."),
                 *sampling_inputs(editing=False),
                 *reference_inputs("continue"),
+                sampler_input(),
             ],
             outputs=[io.Latent.Output(tooltip="The continued latent, the reference's size (16 channels, "
                                               "Flux layout).")],
@@ -90,6 +93,7 @@ class NextStepRegenerateRegion(io.ComfyNode):
                              tooltip="Widen the region by this many tokens (16 pixels each) on every side."),
                 *sampling_inputs(editing=False),
                 *reference_inputs("redraw"),
+                sampler_input(),
             ],
             outputs=[io.Latent.Output(tooltip="The latent with the region redrawn, the reference's size "
                                               "(16 channels, Flux layout).")],

@@ -13,7 +13,6 @@ import logging
 from comfy_api.latest import io
 from comfy_execution.utils import get_executing_context
 
-from ..nextstep_core import CFG_SCHEDULES, SAMPLERS
 from ..nextstep_core.checks import IMAGE_MARKER, check_image_markers, check_image_size
 from ..nextstep_core.demo.vocabulary import demo_model_warning
 from ..nextstep_core.errors import NextStepError
@@ -22,12 +21,12 @@ from .latent import to_latent_dict
 from .model import LoadedNextStep, NextStepModelType, load_onto_device, release_swap
 from .preview import TokenProgress
 from .reference import reference_input, region_mask
+from .sampler import USE_NORM, sampler_input, sampler_widgets, shared_sampler
 
 MAX_SIZE = 4096
 # The size widgets' step, before any model is loaded: the token size of every released checkpoint.
 # At run time the engine checks the size against the loaded model's own token size.
 SIZE_STEP = 16
-USE_NORM = {"auto": None, "on": True, "off": False}
 
 
 def size_inputs(default: int, minimum: int, zero_hint: str = "") -> list:
@@ -40,7 +39,8 @@ def size_inputs(default: int, minimum: int, zero_hint: str = "") -> list:
 
 
 def sampling_inputs(*, editing: bool) -> list:
-    """The widgets both sampling nodes share, in the order they appear."""
+    """The widgets every sampling node shares, in the order they appear (the sampler's widgets last,
+    then the optional input for a shared NextStep Sampler)."""
     return [
         io.Int.Input("batch_size", default=1, min=1, max=64,
                      tooltip="How many images to generate (each with its own noise)."),
@@ -51,25 +51,7 @@ def sampling_inputs(*, editing: bool) -> list:
         *([io.Float.Input("cfg_img", default=2.0, min=1.0, max=30.0, step=0.1, round=0.01,
                           tooltip="Image guidance scale: how closely the result keeps to the reference image. "
                                   "1 turns it off.")] if editing else []),
-        io.Int.Input("steps", default=0, min=0, max=200,
-                     tooltip="Flow steps per image token (each token is sampled by its own small flow). "
-                             "0: the model's default (50 for NextStep-1.0, 28 for NextStep-1.1)."),
-        io.Combo.Input("sampler", options=["auto", *SAMPLERS], default="auto",
-                       tooltip="Token sampler. auto: the model's own (euler_maruyama for 1.0, sde for 1.1); "
-                               "ode is deterministic."),
-        io.Float.Input("shift", default=0.0, min=0.0, max=20.0, step=0.05, round=0.01,
-                       tooltip="Time shift of each token's flow. 0: the model's default "
-                               "(1.0; 3.2 when editing)."),
-        io.Float.Input("noise_level", default=0.8, min=0.0, max=1.0, step=0.01,
-                       tooltip="Noise injected per step by the sde and cps samplers."),
-        io.Combo.Input("cfg_schedule", options=list(CFG_SCHEDULES), default="constant",
-                       tooltip="constant: the same guidance for every token. linear: guidance changes "
-                               "linearly over the image's tokens (the model's own direction)."),
-        io.Combo.Input("use_norm", options=list(USE_NORM), default="auto",
-                       tooltip="Layer-normalise every sampled token, which keeps high cfg stable. "
-                               "auto: on for NextStep-1.0, off for NextStep-1.1."),
-        io.Boolean.Input("velocity_norm", default=False,
-                         tooltip="Clamp the guided velocity's norm to the conditional one's (a NextStep-1.1 option)."),
+        *sampler_widgets(),
     ]
 
 
@@ -99,18 +81,23 @@ def warn_about_unknown_words(pipe, prompt: str) -> None:
 
 def generate(model: LoadedNextStep, prompt: str, *, width: int, height: int, image=None, negative="", positive="",
              batch_size, seed, cfg, cfg_img=None, steps, sampler, shift, noise_level, cfg_schedule, use_norm,
-             velocity_norm, reference=None, keep_rows=0, region=None, grow=0) -> dict:
+             velocity_norm, reference=None, keep_rows=0, region=None, grow=0, sampler_settings=None) -> dict:
     """Run the engine with progress and interrupt wired to ComfyUI; returns a LATENT dict.
 
     The widgets become the engine's request (steps and shift 0: the model's default), resolved
     and checked by the engine before the model is moved or run. image: the edit reference;
-    reference, keep_rows, region, grow: the given tokens (continuation, region redraw, masked edit)."""
+    reference, keep_rows, region, grow: the given tokens (continuation, region redraw, masked edit).
+    sampler_settings: a connected NextStep Sampler's values, in place of the node's own."""
     pipe = model.pipe
+    own = dict(steps=steps, sampler=sampler, shift=shift, noise_level=noise_level, cfg_schedule=cfg_schedule,
+               use_norm=use_norm, velocity_norm=velocity_norm)
+    s = shared_sampler(own, sampler_settings)
     request = Request(
         negative=negative or None, positive=positive or None, image=image,
-        sampling=Sampling(sampler=sampler, steps=steps or None, shift=shift or None, noise_level=noise_level,
-                          velocity_norm=velocity_norm, use_norm=USE_NORM[use_norm]),
-        guidance=Guidance(cfg=cfg, cfg_img=cfg_img, schedule=cfg_schedule),
+        sampling=Sampling(sampler=s["sampler"], steps=s["steps"] or None, shift=s["shift"] or None,
+                          noise_level=s["noise_level"], velocity_norm=s["velocity_norm"],
+                          use_norm=USE_NORM[s["use_norm"]]),
+        guidance=Guidance(cfg=cfg, cfg_img=cfg_img, schedule=s["cfg_schedule"]),
         given=Given(reference=reference, keep_rows=keep_rows, region=region, grow=grow),
         output=Output(size=(width, height), num_images=batch_size, seed=seed),
     )
@@ -141,6 +128,7 @@ class NextStepTextToImage(io.ComfyNode):
                 *text_inputs("prompt", "What to draw."),
                 *size_inputs(512, SIZE_STEP),
                 *sampling_inputs(editing=False),
+                sampler_input(),
             ],
             outputs=[io.Latent.Output(tooltip="The generated latent (16 channels, Flux layout).")],
         )
@@ -164,11 +152,13 @@ class NextStepTextToImage(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, prompt, negative, width, height, batch_size, seed, cfg, steps, sampler, shift,
-                noise_level, cfg_schedule, use_norm, velocity_norm, positive="") -> io.NodeOutput:
+                noise_level, cfg_schedule, use_norm, velocity_norm, positive="",
+                sampler_settings=None) -> io.NodeOutput:
         return io.NodeOutput(generate(
             model, prompt, width=width, height=height, negative=negative, positive=positive,
             batch_size=batch_size, seed=seed, cfg=cfg, steps=steps, sampler=sampler, shift=shift,
-            noise_level=noise_level, cfg_schedule=cfg_schedule, use_norm=use_norm, velocity_norm=velocity_norm))
+            noise_level=noise_level, cfg_schedule=cfg_schedule, use_norm=use_norm, velocity_norm=velocity_norm,
+            sampler_settings=sampler_settings))
 
 
 def edit_prompt(instruction: str) -> str:
@@ -205,6 +195,7 @@ class NextStepEditImage(io.ComfyNode):
                               tooltip="Optional: edit only here (> 0: redraw; e.g. Load Image's MASK, painted "
                                       "in its mask editor). Outside it the reference is kept token for token. "
                                       "The mask must have the output's size."),
+                sampler_input(),
             ],
             outputs=[io.Latent.Output(tooltip="The edited latent (16 channels, Flux layout).")],
         )
@@ -221,7 +212,7 @@ class NextStepEditImage(io.ComfyNode):
     @classmethod
     def execute(cls, model, instruction, negative, width, height, batch_size, seed, cfg, cfg_img, steps, sampler,
                 shift, noise_level, cfg_schedule, use_norm, velocity_norm, positive="", image=None,
-                latent=None, mask=None) -> io.NodeOutput:
+                latent=None, mask=None, sampler_settings=None) -> io.NodeOutput:
         prompt = edit_prompt(instruction)
         reference = reference_input(model, image, latent, "NextStep Edit Image")
         width = width or reference.width
@@ -231,7 +222,8 @@ class NextStepEditImage(io.ComfyNode):
             model, prompt, width=width, height=height, image=reference.source, region=region,
             negative=negative, positive=positive,
             batch_size=batch_size, seed=seed, cfg=cfg, cfg_img=cfg_img, steps=steps, sampler=sampler, shift=shift,
-            noise_level=noise_level, cfg_schedule=cfg_schedule, use_norm=use_norm, velocity_norm=velocity_norm))
+            noise_level=noise_level, cfg_schedule=cfg_schedule, use_norm=use_norm, velocity_norm=velocity_norm,
+            sampler_settings=sampler_settings))
 
 
 NODES = [NextStepTextToImage, NextStepEditImage]

@@ -5,6 +5,7 @@ import importlib.util
 import subprocess
 import sys
 
+import pytest
 from comfy_harness import COMFY_DIR, REPO, needs_comfyui
 
 # What ComfyUI does with a custom node folder (nodes.py load_custom_node): the folder imported as
@@ -51,3 +52,14 @@ def test_loading_the_pack_imports_only_the_demo_word_list(tmp_path):
     assert int(count) >= 7
     assert demo_modules.split() == ["ComfyUI-NextStep.nextstep_core.demo",
                                     "ComfyUI-NextStep.nextstep_core.demo.vocabulary"]
+
+
+def test_nextstep_comfyui_points_the_harness_at_another_checkout(tmp_path, monkeypatch):
+    from comfy_harness import COMFYUI_ENV, find_comfyui
+
+    (tmp_path / "main.py").write_text("")
+    monkeypatch.setenv(COMFYUI_ENV, str(tmp_path))
+    assert find_comfyui() == tmp_path.resolve()
+    monkeypatch.setenv(COMFYUI_ENV, str(tmp_path / "missing"))
+    with pytest.raises(RuntimeError, match="is not a ComfyUI checkout: it has no main.py"):
+        find_comfyui()

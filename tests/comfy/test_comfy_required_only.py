@@ -60,9 +60,14 @@ def test_every_nextstep_node_runs_from_a_prompt_of_its_required_inputs(comfy):
                             latent=["14", 0]),
         "16": n("NextStepVAEDecode", vae=["13", 1], samples=["15", 0]),
         "17": n("SaveImage", images=["16", 0], filename_prefix="required_edit"),
+        "18": n("NextStepSampler", steps=2),
+        "19": with_optional(n("NextStepTextToImage", model=["1", 0], prompt="a red circle", width=32, height=32),
+                            sampler_settings=["18", 0]),
+        "20": n("NextStepVAEDecode", vae=["1", 1], samples=["19", 0]),
+        "21": n("SaveImage", images=["20", 0], filename_prefix="required_sampler"),
     }
     assert ours == {node["class_type"] for node in prompt.values()} & ours, "a NextStep node is not covered here"
     entry = comfy.run(prompt, timeout=600)
     assert entry["status"]["status_str"] == "success", entry["status"]
     sizes = {node: [comfy.image(i).size for i in images] for node, images in output_images(entry).items()}
-    assert sizes == {"4": [(32, 32)], "7": [(32, 32)], "12": [EXAMPLE_SIZE], "17": [EXAMPLE_SIZE]}
+    assert sizes == {"4": [(32, 32)], "7": [(32, 32)], "12": [EXAMPLE_SIZE], "17": [EXAMPLE_SIZE], "21": [(32, 32)]}
