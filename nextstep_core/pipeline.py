@@ -191,9 +191,10 @@ class NextStepPipeline:
         static = loop == "fast" and (not exact or graph_steps is not None)
         static_tokens = token_grid[0] * token_grid[1] if static else None
         hidden, cache, mask = self.prefill(rows, image_tokens, static_tokens)
-        request = DecodeRequest(rows, token_grid, r.num_images, len(r.prompts), r.cfg, r.cfg_img, r.schedule,
-                                r.settings, r.use_norm, generator, callback, given_tokens, r.given_mask,
-                                **parallel_options(r))
+        request = DecodeRequest(rows=rows, token_grid=token_grid, num_images=r.num_images, num_prompts=len(r.prompts),
+                                cfg=r.cfg, cfg_img=r.cfg_img, cfg_schedule=r.schedule, settings=r.settings,
+                                use_norm=r.use_norm, generator=generator, callback=callback,
+                                given_tokens=given_tokens, given_mask=r.given_mask, **parallel_options(r))
         with cpu_threads(1 if runs_best_on_one_thread(self.model, self.device) else None):  # small models, CPU
             if loop == "reference":
                 tokens = decode_tokens_reference(self.model, self.version, hidden, cache, mask, request)

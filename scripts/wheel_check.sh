@@ -49,6 +49,8 @@ assert where.is_relative_to(work / "venv"), f"nextstep_core came from {where}, n
 assert not where.is_relative_to(repo), where
 for sub in ("sampling", "engine", "memory", "demo"):  # every subpackage is in the wheel
     assert (where.parent / sub / "__init__.py").is_file(), f"the wheel lacks nextstep_core.{sub}"
+for data in ("demo/vocabulary.json", "demo_model/config.json", "demo_model/tokenizer.json", "demo_model/vae/config.json"):
+    assert (where.parent / data).is_file(), f"the wheel lacks nextstep_core/{data}"
 wheel, checkout = (np.asarray(Image.open(work / "run" / f"{n}.png")) for n in ("wheel", "checkout"))
 assert wheel.shape == (64, 64, 3), wheel.shape
 assert wheel.std() > 1, "the wheel's image is flat"
