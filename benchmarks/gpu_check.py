@@ -117,10 +117,10 @@ class Check:
         with tempfile.TemporaryDirectory() as workdir:
             folder = write_tiny_model(workdir, version="1.1", seed=3)
             request = dict(width=TINY_SIZE, height=TINY_SIZE, seed=5)
-            gpu = NextStepPipeline.from_folder(folder, dtype="float32", device=self.device)
+            gpu = NextStepPipeline.from_folder(folder, precision="float32", device=self.device)
 
             def gpu_vs_cpu():
-                cpu = NextStepPipeline.from_folder(folder, dtype="float32", device="cpu")
+                cpu = NextStepPipeline.from_folder(folder, precision="float32", device="cpu")
                 a = cpu.generate(gpu_14b.PROMPT, graph="off", **request)
                 b = gpu.generate(gpu_14b.PROMPT, graph="off", **request)
                 c["gpu_vs_cpu_float32_images_max_abs"] = max_abs(a.images, b.images)
@@ -135,7 +135,7 @@ class Check:
 
             def swap_vs_no_swap():
                 c["swap_block_swap"] = 1
-                swapped = NextStepPipeline.from_folder(folder, dtype="float32", device=self.device, block_swap=1)
+                swapped = NextStepPipeline.from_folder(folder, precision="float32", device=self.device, block_swap=1)
                 plain = gpu.generate(gpu_14b.PROMPT, graph="off", **request)
                 other = swapped.generate(gpu_14b.PROMPT, graph="off", **request)
                 c["swap_max_abs"] = max_abs(plain.tokens, other.tokens)

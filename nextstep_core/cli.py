@@ -106,7 +106,8 @@ def run_generate(args) -> list[Path]:
         height = default if height is None else height
 
     started = time.perf_counter()
-    pipe = NextStepPipeline.from_folder(model, args.vae, version=args.version, dtype=args.dtype, device=args.device)
+    pipe = NextStepPipeline.from_folder(model, args.vae, version=args.version, precision=args.dtype,
+                                        device=args.device)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     warning = demo_model_warning(pipe.folder, args.prompt)
     if warning:

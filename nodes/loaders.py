@@ -18,6 +18,8 @@ from .model import (
     DTYPE_CHOICES,
     NextStepModelType,
     NextStepVAEType,
+    describe_precision,
+    load_device,
     offload_device,
     plan_memory,
     wrap_pipeline,
@@ -138,10 +140,11 @@ class NextStepModelLoader(io.ComfyNode):
         vae_folder = None if tokenizer == AUTO else resolve(tokenizer)
         files = inspect_model_folder(folder, vae_folder=vae_folder, version=version)
         precision, swap = plan_memory(files, dtype, block_swap)
+        # Staged on the offload device, computing where ComfyUI will move it: the precision suits the GPU.
         pipe = NextStepPipeline.from_folder(folder, vae_folder, version=version, precision=precision,
-                                            block_swap=swap, device=offload_device())
+                                            block_swap=swap, device=offload_device(), compute_device=load_device())
         logging.info("NextStep: loaded %s as NextStep-%s (%s), %s, %d decoder layers swapped", folder,
-                     pipe.version.name, "; ".join(pipe.version_reasons), precision, swap)
+                     pipe.version.name, "; ".join(pipe.version_reasons), describe_precision(pipe), swap)
         loaded = wrap_pipeline(pipe, model_name)
         return io.NodeOutput(loaded, loaded.vae)
 

@@ -117,7 +117,7 @@ def trim_after_free(loaded: LoadedNextStep) -> None:
 def wrap_pipeline(pipe: NextStepPipeline, name: str) -> LoadedNextStep:
     """Put the pipeline's networks under ComfyUI's model management (they stay where they are until a
     node needs them)."""
-    patcher = comfy.model_patcher.ModelPatcher(pipe.model, load_device=mm.get_torch_device(),
+    patcher = comfy.model_patcher.ModelPatcher(pipe.model, load_device=load_device(),
                                                offload_device=mm.unet_offload_device())
     # The tokenizer runs on the transformer's device even with --cpu-vae: the engine encodes an
     # edit's reference image on the model's device.
@@ -137,6 +137,21 @@ def load_onto_device(*patchers: comfy.model_patcher.ModelPatcher) -> None:
 
 def offload_device() -> torch.device:
     return mm.unet_offload_device()
+
+
+def load_device() -> torch.device:
+    """Where ComfyUI runs the model (its torch device): the compute device the precision is chosen for."""
+    return mm.get_torch_device()
+
+
+def describe_precision(pipe: NextStepPipeline) -> str:
+    """The precision a loaded pipeline actually uses, e.g. `bf16`, `fp8_e4m3fn (computing in bfloat16)`,
+    `bf16 (computing in float32)` where a CPU without native bfloat16 computes it."""
+    precision = pipe.model.precision
+    default = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(precision.name)
+    if precision.dtype == default:
+        return precision.name
+    return f"{precision.name} (computing in {str(precision.dtype).removeprefix('torch.')})"
 
 
 def to_output(tensor: torch.Tensor) -> torch.Tensor:

@@ -87,7 +87,7 @@ def test_tiny_model_generates_with_fp8_weights_and_the_converted_checkpoint_relo
 
 def test_demo_model_generates_with_fp8_weights():
     bf16 = NextStepPipeline.from_folder(DEMO, precision="bf16")
-    fp8 = NextStepPipeline.from_folder(DEMO, precision="fp8_e4m3fn", fp8_compute=torch.float32)
+    fp8 = NextStepPipeline.from_folder(DEMO, precision=parse_precision("fp8_e4m3fn", fp8_compute=torch.float32))
     matrices = [m for m in fp8.model.modules() if isinstance(m, Fp8Linear)]
     assert len(matrices) == 7 * fp8.model.config.num_hidden_layers
     fp8_bytes = sum(m.weight.numel() for m in matrices)
