@@ -28,6 +28,7 @@ from .engine.prompt import IMAGE_MARKER, PLACEHOLDER, PromptRows, build_prompt_r
 from .engine.vae import ImageTokenizer, load_image_tokenizer
 from .errors import NextStepError
 from .memory.offload import check_block_swap, enable_block_swap
+from .sampling.compiled import compile_failures_named
 from .sampling.given import plan_given
 from .sampling.graphs import graph_mode
 from .sampling.reference_loop import decode_tokens_reference
@@ -251,7 +252,8 @@ class NextStepPipeline:
         hidden, cache, mask = self.prefill(rows, image_tokens, static_tokens)
         request = DecodeRequest(rows, token_grid, num_images, len(prompts), cfg, cfg_img, cfg_schedule, settings,
                                 use_norm, generator, callback, given_tokens, given_mask)
-        with cpu_threads(1 if runs_best_on_one_thread(self.model, self.device) else None):  # small models, CPU
+        with cpu_threads(1 if runs_best_on_one_thread(self.model, self.device) else None), \
+                compile_failures_named(compile):  # small models run on one CPU thread; compile warms in here
             if loop == "reference":
                 tokens = decode_tokens_reference(self.model, self.version, hidden, cache, mask, request)
             else:
