@@ -92,16 +92,15 @@ class NextStepPipeline:
 
         precision: bf16, fp16, fp32, fp8_e4m3fn (float32, bfloat16, float16 too; a torch dtype, or a
         Precision such as parse_precision("fp8", fp8_compute=torch.float32)); see precision.py.
-        device: where the weights are loaded (staged); compute_device: where the model will run
-        (default: device), e.g. a GPU that ComfyUI moves the model to. The precision is chosen for
-        the compute device: bf16 and fp8 compute in float32 only when the model computes on a CPU
-        without native bfloat16 (precision.for_device). block_swap keeps that many decoder layers on
-        the CPU and streams them to the compute device when used (offload.py). load_lm_head: also
-        load the text head, which generation never uses (training and the demo objective need it).
-        operations: a factory of layer classes (`operations.Linear`, as ComfyUI's comfy.ops) the
-        model's plain Linear layers are built from.
+        device: where the weights are loaded (staged; "meta": shapes and dtypes, no data); compute_device:
+        where the model will run (default: device), e.g. the GPU ComfyUI moves it to. The precision
+        suits the compute device: bf16 and fp8 compute in float32 only on a CPU without native bfloat16
+        (precision.for_device). block_swap keeps that many decoder layers on the CPU and streams them to
+        the compute device when used (offload.py). load_lm_head: also load the text head, which
+        generation never uses (training and the demo objective need it). operations: a factory of
+        layer classes (`operations.Linear`, as ComfyUI's comfy.ops) the plain Linear layers are built from.
         """
-        device = check_device(device)
+        device = torch.device("meta") if str(device) == "meta" else check_device(device)  # meta: shapes only
         compute = device if compute_device is None else compute_device_of(compute_device)
         precision = for_device(parse_precision(precision), compute)
         files = inspect_model_folder(model_folder, vae_folder=vae_folder, version=version)

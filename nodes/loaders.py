@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+import comfy.ops
 import folder_paths
 from comfy_api.latest import io
 
@@ -142,10 +143,11 @@ class NextStepModelLoader(io.ComfyNode):
         precision, swap = plan_memory(files, dtype, block_swap)
         # Staged on the offload device, computing where ComfyUI will move it: the precision suits the GPU.
         pipe = NextStepPipeline.from_folder(folder, vae_folder, version=version, precision=precision,
-                                            block_swap=swap, device=offload_device(), compute_device=load_device())
+                                            block_swap=swap, device=offload_device(), compute_device=load_device(),
+                                            operations=comfy.ops.disable_weight_init)
         logging.info("NextStep: loaded %s as NextStep-%s (%s), %s, %d decoder layers swapped", folder,
                      pipe.version.name, "; ".join(pipe.version_reasons), describe_precision(pipe), swap)
-        loaded = wrap_pipeline(pipe, model_name)
+        loaded = wrap_pipeline(pipe, model_name, files)
         return io.NodeOutput(loaded, loaded.vae)
 
 

@@ -19,7 +19,7 @@ from ..nextstep_core.demo.vocabulary import demo_model_warning
 from ..nextstep_core.engine.prompt import IMAGE_MARKER
 from ..nextstep_core.errors import NextStepError
 from .latent import to_latent_dict
-from .model import LoadedNextStep, NextStepModelType, load_onto_device, release_swap
+from .model import LoadedNextStep, NextStepModelType, load_for_generation, release_swap
 from .preview import TokenProgress
 from .reference import PIXELS_PER_TOKEN, reference_input, region_mask
 
@@ -105,11 +105,9 @@ def generate(model: LoadedNextStep, prompt: str, *, width: int, height: int, ima
     grid = check_image_size(width, height, pipe.pixels_per_token)
     warn_about_unknown_words(pipe, prompt)
     progress = TokenProgress(model.vae, grid, pipe.model.config.latent_patch_size)
-    if image is not None or reference is not None or progress.previews:
-        # the tokenizer encodes a pixel reference / fits the preview colours
-        load_onto_device(model.patcher, model.vae.patcher)
-    else:
-        load_onto_device(model.patcher)
+    with_vae = image is not None or reference is not None or progress.previews  # encodes / fits preview colours
+    load_for_generation(model, width=width, height=height, images=batch_size, cfg=cfg, cfg_img=cfg_img,
+                        editing=image is not None, with_vae=with_vae)  # the request's working memory reserved
     result = pipe.generate(
         prompt, width=width, height=height, negative=negative or None, positive=positive or None,
         num_images=batch_size, cfg=cfg, cfg_img=cfg_img, cfg_schedule=cfg_schedule, sampler=sampler,

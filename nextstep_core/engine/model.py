@@ -86,6 +86,7 @@ class NextStepModel(nn.Module):
         self.image_in_projector = nn.Linear(config.token_dim, hidden)
         self.image_out_projector = nn.Linear(hidden, hidden)
         self.image_head = FlowHead(config.token_dim, hidden, head_dim, head_layers)
+        self.block_swap = None  # memory.offload.BlockSwap while layers are swapped
         # 1.0 checkpoints carry the (1, 32*32, hidden) table even where the config turns it off.
         if config.use_gen_pos_embed if position_table is None else position_table:
             self.register_buffer("gen_pos_embed", torch.zeros(1, 32 * 32, hidden))

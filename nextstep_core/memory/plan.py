@@ -28,8 +28,10 @@ quality.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -178,13 +180,19 @@ def vae_weight_bytes(files: ModelFiles, dtype: torch.dtype) -> int:
     """Parameters of the image tokenizer, counted on a meta-device build from its config."""
     if files.vae_folder is None:
         return 0
+    return vae_parameters(str(files.vae_folder), files.version.name == "1.1") * dtype_bytes(dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def vae_parameters(vae_folder: str, nextstep_1_1: bool) -> int:
+    """Parameters of the image tokenizer in `vae_folder` (a planner tries many candidates: built once)."""
     from ..engine.vae import build_autoencoder
     from ..engine.vae_files import read_config
 
-    config = read_config(files.vae_folder, files.version.name == "1.1")
+    config = read_config(Path(vae_folder), nextstep_1_1)
     with torch.device("meta"):
         autoencoder = build_autoencoder(config)
-    return sum(p.numel() for p in autoencoder.parameters()) * dtype_bytes(dtype)
+    return sum(p.numel() for p in autoencoder.parameters())
 
 
 def vae_decode_bytes(files: ModelFiles, request: Request, dtype: torch.dtype) -> int:
