@@ -192,7 +192,8 @@ def gpu_bytes(model: torch.nn.Module) -> int:
 def complete_load(model: torch.nn.Module, patcher: comfy.model_patcher.ModelPatcher, device: torch.device) -> None:
     """After a partial load (--novram; ComfyUI's choice): move what cannot stream and was left behind -
     every tensor outside a comfy.ops layer ComfyUI set to cast on use and outside the swapped layers - and
-    count it as loaded. Swapped layers are marked unpatched, so a partial unload never counts them as freed."""
+    count it as loaded. Swapped layers are not loaded: a partial load's count drops them, and they are marked
+    unpatched, so a partial unload never counts them as freed."""
     device = torch.device(device)
     skip = {id(m) for m in swapped_modules(model)}
     moved = 0
@@ -204,9 +205,11 @@ def complete_load(model: torch.nn.Module, patcher: comfy.model_patcher.ModelPatc
         if left:
             moved += sum(t.numel() * t.element_size() for t in left)
             module._apply(lambda t: t.to(device), recurse=False)  # this module's own tensors only
-    patcher.model.model_loaded_weight_memory += moved
-    for module in swapped_modules(model):
+    for module in swapped_modules(model):  # a partial load counted those it "loaded"; they never moved
+        if model.model_lowvram and getattr(module, "comfy_patched_weights", False):
+            moved -= sum(t.numel() * t.element_size() for t in module.parameters(recurse=False))
         module.comfy_patched_weights = False
+    patcher.model.model_loaded_weight_memory += moved
 
 
 def wrap_pipeline(pipe: NextStepPipeline, name: str, files: ModelFiles | None = None) -> LoadedNextStep:
