@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_14b  # noqa: E402
+import gpu_check_comfy  # noqa: E402
 from gpu_check_tools import CaptureFailures, Window, error_text, free_memory, max_abs  # noqa: E402
 from memory import write_shapes_only  # noqa: E402
 
@@ -46,7 +47,7 @@ from nextstep_core.memory.plan import GIB, Request, choose_plan  # noqa: E402
 from nextstep_core.pipeline import GenerationInterrupted, NextStepPipeline  # noqa: E402
 from nextstep_core.sampling.graphs import graph_mode  # noqa: E402
 
-PARTS = ("bandwidth", "tiny", "captions", "shapes")
+PARTS = ("bandwidth", "tiny", "captions", "shapes", "comfy")
 CONFIGS = {  # name -> (precision, sampler, steps, block swap from the planner)
     "bf16_sde28": ("bf16", "sde", 28, False),
     "bf16_dpm2m8": ("bf16", "dpm2m", 8, False),
@@ -336,7 +337,8 @@ class Check:
                  "tiny": self.tiny,
                  "captions": lambda: self.guarded(self.report["correctness"], "fp8_vs_bf16_caption_score",
                                                   self.captions),
-                 "shapes": self.shapes}
+                 "shapes": self.shapes,
+                 "comfy": lambda: self.guarded(self.report, "comfy", lambda: gpu_check_comfy.check(self.dry))}
         for part in PARTS:
             if part not in parts:
                 continue

@@ -102,16 +102,17 @@ class NextStepModelLoader(io.ComfyNode):
                                        "(NextStep-1.0 models)."),
                 io.Combo.Input("dtype", options=DTYPE_CHOICES, default="auto",
                                tooltip="Weight precision. fp8_e4m3fn stores the decoder's matrices in 8 bits "
-                                       "(about 15 GB for NextStep-1's 14B parameters instead of 30 GB in bfloat16) "
+                                       "(about 15 GB for NextStep-1's 14B parameters instead of 28 GB in bfloat16) "
                                        "and computes in bfloat16. auto: on a GPU the memory planner picks bfloat16 "
-                                       "or fp8 from the free memory (the plan is logged); float32 on the CPU."),
+                                       "or fp8 for the GPU's total memory and ComfyUI's memory flags (the plan "
+                                       "is logged); float32 on the CPU."),
                 io.Combo.Input("version", options=[AUTO, "1.0", "1.1"], default=AUTO,
                                tooltip="Which release's prompt layout and sampling defaults to use. auto: detected "
                                        "from the checkpoint's files."),
                 io.Int.Input("block_swap", default=AUTO_SWAP, min=AUTO_SWAP, max=200, optional=True,
                              tooltip="Decoder layers kept in CPU RAM and streamed to the GPU while they run (with "
                                      "the next one prefetched): less GPU memory, slower tokens. -1: auto, the memory "
-                                     "planner decides from the free memory (0 on the CPU)."),
+                                     "planner decides for the GPU's total memory and ComfyUI's flags (0 on the CPU)."),
             ],
             outputs=[
                 NextStepModelType.Output("model", display_name="model",

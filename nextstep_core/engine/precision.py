@@ -11,9 +11,10 @@ compute dtype, so only one layer's upcast weight exists at a time. On GPUs with 
 (compute capability 8.9+) `fp8_matmul` instead quantises the activations per row and calls
 `torch._scaled_mm` on the stored weight directly.
 
-On a CPU without native bfloat16 (`native_bf16_cpu`: no AVX-512 BF16 or AMX), bf16 and fp8
-weights compute in float32 instead (`for_device`; the user is told once): fp8 matrices through
-Fp8Linear in float32, bf16 matrices kept in bf16 as `UpcastLinear`s, the rest loaded in float32.
+When the model computes on a CPU without native bfloat16 (`native_bf16_cpu`: no AVX-512 BF16 or
+AMX), bf16 and fp8 weights compute in float32 instead (`for_device`, given the compute device, not
+the device the weights are staged on; the user is told once): fp8 matrices through Fp8Linear in
+float32, bf16 matrices kept in bf16 as `UpcastLinear`s, the rest loaded in float32.
 
 Conversion happens at load time (model.load_model streams the released bf16 tensors into
 `quantize_rows_into`, a block of rows at a time); `save_converted` writes the result back as
