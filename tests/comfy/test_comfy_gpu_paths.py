@@ -73,7 +73,7 @@ def test_plan_memory_on_a_gpu_asks_the_planner_and_logs_the_plan(pack, fake_gpu,
 
 
 @pytest.mark.parametrize("native_bf16_cpu", [False, True])
-def test_loader_with_default_widgets_on_a_faked_gpu(pack, fake_gpu, monkeypatch, native_bf16_cpu):
+def test_loader_with_default_widgets_on_a_faked_gpu(pack, fake_gpu, monkeypatch, caplog, native_bf16_cpu):
     """Staged on the CPU for the GPU: bf16 whether or not the CPU has native bfloat16 (an AVX2-only
     CPU used to turn it into float32 with UpcastLinear matrices, the GPU then holding twice the plan)."""
     import nextstep_core.engine.precision as engine_precision
@@ -82,8 +82,10 @@ def test_loader_with_default_widgets_on_a_faked_gpu(pack, fake_gpu, monkeypatch,
     own_precision = sys.modules[model.__name__.rpartition(".nodes")[0] + ".nextstep_core.engine.precision"]
     for module in (engine_precision, own_precision):
         monkeypatch.setattr(module, "native_bf16_cpu", lambda: native_bf16_cpu)
-    output = loaders.NextStepModelLoader.execute("nextstep-demo", "auto", "auto", "auto")
+    with caplog.at_level(logging.INFO):
+        output = loaders.NextStepModelLoader.execute("nextstep-demo", "auto", "auto", "auto")
     loaded, vae = output.result
+    assert any(r.getMessage().endswith("), bf16, 0 decoder layers swapped") for r in caplog.records)  # as used
     assert loaded.patcher.load_device == torch.device("cuda", 0)
     assert loaded.pipe.model.image_in_projector.weight.dtype == torch.bfloat16  # the plan's choice
     assert {p.dtype for p in loaded.pipe.model.parameters()} == {torch.bfloat16}
