@@ -143,9 +143,12 @@ class NextStepModelLoader(io.ComfyNode):
         files = inspect_model_folder(folder, vae_folder=vae_folder, version=version)
         precision, swap = plan_memory(files, dtype, block_swap)
         # Staged on the offload device, computing where ComfyUI will move it: the precision suits the GPU.
+        # comfy.ops layers only where ComfyUI may stream weights (a GPU): on the CPU they would only add a
+        # call per product.
+        operations = None if load_device().type == "cpu" else comfy.ops.disable_weight_init
         pipe = NextStepPipeline.from_folder(folder, vae_folder, version=version, precision=precision,
                                             block_swap=swap, device=offload_device(), compute_device=load_device(),
-                                            operations=comfy.ops.disable_weight_init)
+                                            operations=operations)
         logging.info("NextStep: loaded %s as NextStep-%s (%s), %s, %d decoder layers swapped", folder,
                      pipe.version.name, "; ".join(pipe.version_reasons), describe_precision(pipe), swap)
         loaded = wrap_pipeline(pipe, model_name, files)

@@ -104,6 +104,8 @@ def check_row(model, loaded, required, card: Card):
     precision = pipe.model.precision
     assert precision.dtype == torch.bfloat16 and pipe.dtype == torch.bfloat16  # the GPU's compute dtype
     assert precision.stored is None and not [m for m in pipe.model.modules() if type(m).__name__ == "UpcastLinear"]
+    linears = [m for m in pipe.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(hasattr(m, "comfy_cast_weights") for m in linears)  # comfy.ops: ComfyUI may stream them
     swap = pipe.model.block_swap
     swapped = 0 if swap is None else len(swap.order)
     assert swap is None or swap.order == list(range(48 - swapped, 48))
