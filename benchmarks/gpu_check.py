@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_14b  # noqa: E402
+import gpu_check_comfy  # noqa: E402
 from gpu_check_tools import CaptureFailures, Window, error_text, free_memory, max_abs  # noqa: E402
 from memory import write_shapes_only  # noqa: E402
 
@@ -46,7 +47,7 @@ from nextstep_core.memory.plan import GIB, Request, choose_plan  # noqa: E402
 from nextstep_core.pipeline import GenerationInterrupted, NextStepPipeline  # noqa: E402
 from nextstep_core.sampling.graphs import graph_mode  # noqa: E402
 
-PARTS = ("bandwidth", "tiny", "captions", "shapes")
+PARTS = ("bandwidth", "tiny", "captions", "shapes", "comfy")
 CONFIGS = {  # name -> (precision, sampler, steps, block swap from the planner)
     "bf16_sde28": ("bf16", "sde", 28, False),
     "bf16_dpm2m8": ("bf16", "dpm2m", 8, False),
@@ -117,10 +118,10 @@ class Check:
         with tempfile.TemporaryDirectory() as workdir:
             folder = write_tiny_model(workdir, version="1.1", seed=3)
             request = dict(width=TINY_SIZE, height=TINY_SIZE, seed=5)
-            gpu = NextStepPipeline.from_folder(folder, dtype="float32", device=self.device)
+            gpu = NextStepPipeline.from_folder(folder, precision="float32", device=self.device)
 
             def gpu_vs_cpu():
-                cpu = NextStepPipeline.from_folder(folder, dtype="float32", device="cpu")
+                cpu = NextStepPipeline.from_folder(folder, precision="float32", device="cpu")
                 a = cpu.generate(gpu_14b.PROMPT, graph="off", **request)
                 b = gpu.generate(gpu_14b.PROMPT, graph="off", **request)
                 c["gpu_vs_cpu_float32_images_max_abs"] = max_abs(a.images, b.images)
@@ -135,7 +136,7 @@ class Check:
 
             def swap_vs_no_swap():
                 c["swap_block_swap"] = 1
-                swapped = NextStepPipeline.from_folder(folder, dtype="float32", device=self.device, block_swap=1)
+                swapped = NextStepPipeline.from_folder(folder, precision="float32", device=self.device, block_swap=1)
                 plain = gpu.generate(gpu_14b.PROMPT, graph="off", **request)
                 other = swapped.generate(gpu_14b.PROMPT, graph="off", **request)
                 c["swap_max_abs"] = max_abs(plain.tokens, other.tokens)
@@ -336,7 +337,8 @@ class Check:
                  "tiny": self.tiny,
                  "captions": lambda: self.guarded(self.report["correctness"], "fp8_vs_bf16_caption_score",
                                                   self.captions),
-                 "shapes": self.shapes}
+                 "shapes": self.shapes,
+                 "comfy": lambda: self.guarded(self.report, "comfy", lambda: gpu_check_comfy.check(self.dry))}
         for part in PARTS:
             if part not in parts:
                 continue

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -76,15 +77,14 @@ def main() -> None:
 
 
 def write_shapes_only(root: Path) -> Path:
-    """A 14B-shaped model folder whose weights file has headers but no data (enough for the planner)."""
-    import struct
-
+    """A 14B-shaped model folder (NextStep-1.1 layout, lm_head included, the Flux image tokenizer in vae/)
+    whose weights files have headers but no data: enough for the planner and for a load onto the meta
+    device, written in milliseconds."""
     from nextstep_core.demo.tiny import tiny_config_dict, tiny_vae_config
     from nextstep_core.demo.tiny_tokenizer import write_tiny_tokenizer
     from nextstep_core.engine.checkpoint import NextStepConfig
     from nextstep_core.engine.model import NextStepModel
-    from nextstep_core.engine.vae import random_flux_state_dict
-    from nextstep_core.engine.vae_files import save_image_tokenizer
+    from nextstep_core.engine.vae import build_autoencoder
 
     folder = root / "NextStep-14B-shapes"
     folder.mkdir()
@@ -94,21 +94,31 @@ def write_shapes_only(root: Path) -> Path:
     (folder / "config.json").write_text(json.dumps(config))
     with torch.device("meta"):
         model = NextStepModel(NextStepConfig.from_dict(config), NEXTSTEP_14B.head_dim, NEXTSTEP_14B.head_layers)
+    write_header_only(folder / "model.safetensors", {name.removeprefix("backbone."): tuple(t.shape) for name, t
+                                                     in model.state_dict().items() if "rotary_emb" not in name})
+    vae = tiny_vae_config(TinySpec(vae_ch=128, vae_ch_mult=(1, 2, 4, 4), vae_res_blocks=2), "1.1")
+    (folder / "vae").mkdir()
+    (folder / "vae" / "config.json").write_text(json.dumps(vae.to_dict()))
+    with torch.device("meta"):
+        autoencoder = build_autoencoder(vae)
+    write_header_only(folder / "vae" / "diffusion_pytorch_model.safetensors",
+                      {name: tuple(t.shape) for name, t in autoencoder.state_dict().items()})
+    return folder
+
+
+def write_header_only(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """A bf16 safetensors file of these tensors whose data part is a hole (sparse; reads as zeros)."""
+    import struct
+
     header, offset = {}, 0
-    for name, t in model.state_dict().items():
-        if "rotary_emb" in name:
-            continue
-        size = t.numel() * 2
-        header[name.removeprefix("backbone.")] = {"dtype": "BF16", "shape": list(t.shape),
-                                                  "data_offsets": [offset, offset + size]}
+    for name, shape in shapes.items():
+        size = 2 * math.prod(shape)
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header).encode()
-    with open(folder / "model.safetensors", "wb") as f:  # sparse: the data part is a hole
+    with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         f.truncate(8 + len(blob) + offset)
-    vae = tiny_vae_config(TinySpec(vae_ch=128, vae_ch_mult=(1, 2, 4, 4), vae_res_blocks=2), "1.1")
-    save_image_tokenizer(folder / "vae", vae, random_flux_state_dict(vae, seed=0))
-    return folder
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     from nextstep_core import NextStepPipeline
 
-    pipe = NextStepPipeline.from_folder("models/nextstep/NextStep-1.1", dtype="bfloat16", device="cuda")
+    pipe = NextStepPipeline.from_folder("models/nextstep/NextStep-1.1", precision="bf16", device="cuda")
     result = pipe.generate("a red circle on the left", width=512, height=256, seed=7)
     result.to_pil()[0].save("out.png")
 

@@ -1,6 +1,6 @@
 """generate(): prompt rows -> prefill -> KV-cached token loop -> latent grid -> pixels.
 
-    pipe = NextStepPipeline.from_folder("models/nextstep/NextStep-1.1", dtype="bfloat16", device="cuda")
+    pipe = NextStepPipeline.from_folder("models/nextstep/NextStep-1.1", precision="bf16", device="cuda")
     result = pipe.generate("a red circle", width=256, height=256, seed=1)
     result.to_pil()[0].save("out.png")
 
@@ -23,12 +23,13 @@ from .checks import check_device, image_to_pixels
 from .engine.checkpoint import NextStepConfig, VersionSettings, inspect_model_folder
 from .engine.latents import LatentImage
 from .engine.model import NextStepModel, load_model, patchify, unpatchify
-from .engine.precision import for_device, parse_precision
+from .engine.precision import Precision, compute_device_of, default_exact, for_device, parse_precision
 from .engine.prompt import PLACEHOLDER, PromptRows, load_tokenizer
 from .engine.vae import ImageTokenizer, load_image_tokenizer
 from .errors import NextStepError
 from .memory.offload import check_block_swap, enable_block_swap
 from .request import ImageInput, ModelFacts, Request, Resolved, image_input, input_size, resolve, sampler_settings
+from .sampling.compiled import compile_failures_named
 from .sampling.graphs import graph_mode
 from .sampling.reference_loop import decode_tokens_reference
 from .sampling.settings import SamplerSettings
@@ -41,20 +42,9 @@ from .sampling.token_loop import (
     runs_best_on_one_thread,
 )
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
 LOOPS = ("fast", "reference")
 __all__ = ["NextStepPipeline", "GenerationResult", "GenerationInterrupted", "LatentImage", "ProgressCallback", "LOOPS",
            "Request", "image_to_pixels"]
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise NextStepError(f"dtype {dtype!r} is not one of float32, bfloat16, float16")
-    return DTYPES[dtype]
 
 
 @dataclass
@@ -94,26 +84,31 @@ class NextStepPipeline:
 
     @classmethod
     def from_folder(cls, model_folder: str | Path, vae_folder: str | Path | None = None, *, version: str = "auto",
-                    dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-                    precision: str | None = None, block_swap: int = 0,
-                    fp8_compute: torch.dtype = torch.bfloat16) -> NextStepPipeline:
-        """Load a model folder as published (and its image tokenizer folder) onto `device` in `dtype`.
+                    precision: str | torch.dtype | Precision = "float32", device: str | torch.device = "cpu",
+                    compute_device: str | torch.device | None = None, block_swap: int = 0,
+                    load_lm_head: bool = False, operations=None) -> NextStepPipeline:
+        """Load a model folder as published (and its image tokenizer folder) onto `device`.
 
-        precision (bf16, fp16, fp32, fp8_e4m3fn; see precision.py) overrides dtype; fp8 keeps the
-        decoder matrices in fp8 and computes in `fp8_compute` (bfloat16). block_swap keeps that many decoder
-        layers on the CPU and streams them to the compute device when used (offload.py).
+        precision: bf16, fp16, fp32, fp8_e4m3fn (float32, bfloat16, float16 too; a torch dtype, or a
+        Precision such as parse_precision("fp8", fp8_compute=torch.float32)); see precision.py.
+        device: where the weights are loaded (staged; "meta": shapes and dtypes, no data); compute_device:
+        where the model will run (default: device), e.g. the GPU ComfyUI moves it to. The precision
+        suits the compute device: bf16 and fp8 compute in float32 only on a CPU without native bfloat16
+        (precision.for_device). block_swap keeps that many decoder layers on the CPU and streams them to
+        the compute device when used (offload.py). load_lm_head: also load the text head, which
+        generation never uses (training and the demo objective need it). operations: a factory of
+        layer classes (`operations.Linear`, as ComfyUI's comfy.ops) the plain Linear layers are built from.
         """
-        device = check_device(device)
-        precision = parse_precision(parse_dtype(dtype) if precision is None else precision, fp8_compute=fp8_compute)
-        precision = for_device(precision, device)
-        dtype = precision.dtype
+        device = torch.device("meta") if str(device) == "meta" else check_device(device)  # meta: shapes only
+        compute = device if compute_device is None else compute_device_of(compute_device)
+        precision = for_device(parse_precision(precision), compute)
         files = inspect_model_folder(model_folder, vae_folder=vae_folder, version=version)
         check_block_swap(block_swap, files.config.num_hidden_layers)
         tokenizer = load_tokenizer(files.tokenizer_folder)
         image_tokenizer = load_image_tokenizer(files.vae_folder, nextstep_1_1_defaults=files.version.name == "1.1",
-                                               dtype=dtype, device=device)
+                                               dtype=precision.dtype, device=device)
         check_vae_channels(files.config, image_tokenizer, files.vae_folder)
-        model = load_model(files, device=device, precision=precision)
+        model = load_model(files, device=device, precision=precision, lm_head=load_lm_head, operations=operations)
         if block_swap:
             enable_block_swap(model, block_swap)
         return cls(model, tokenizer, image_tokenizer, files.version, files.version_reasons, files.folder)
@@ -150,7 +145,7 @@ class NextStepPipeline:
     @torch.no_grad()
     def generate(self, prompts: str | list[str], request: Request | None = None, *,
                  callback: ProgressCallback | None = None, decode: bool = True, loop: str = "fast",
-                 exact: bool = True, compile: bool = False, graph: str | bool = "auto",
+                 exact: bool | None = None, compile: bool = False, graph: str | bool = "auto",
                  **keywords) -> GenerationResult:
         """Text-to-image, or editing when the request has an `image` (the prompt holds one `<image>` marker).
 
@@ -168,7 +163,8 @@ class NextStepPipeline:
         normalised posterior mean (no random draw); from a LatentImage exactly its patchified latent.
 
         Speed options (sampling/token_loop.py): loop "fast" (default) or "reference" (the
-        contract line by line, for comparison); exact=False lets the fast loop read each head
+        contract line by line, for comparison); exact (None: on for the CPU, off for CUDA; default_exact)
+        gives the reference loop's bits on the CPU; exact=False lets the fast loop read each head
         modulation weight once per token instead of once per step and use a static KV cache
         (float rounding differs); compile=True torch.compiles the head step (off by default);
         graph "auto" (default) captures each token's whole step once as a CUDA graph on a CUDA
@@ -188,6 +184,7 @@ class NextStepPipeline:
         if r.image is not None:
             image_tokens = self.encode_edit_image(r.image, int(rows.image_rows.sum()), generator, r.seed)
         given_tokens = None if r.given_mask is None else self.reference_tokens(r.reference)
+        exact = default_exact(self.device) if exact is None else exact
         static = loop == "fast" and (not exact or graph_steps is not None)
         static_tokens = token_grid[0] * token_grid[1] if static else None
         hidden, cache, mask = self.prefill(rows, image_tokens, static_tokens)
@@ -195,7 +192,8 @@ class NextStepPipeline:
                                 cfg=r.cfg, cfg_img=r.cfg_img, cfg_schedule=r.schedule, settings=r.settings,
                                 use_norm=r.use_norm, generator=generator, callback=callback,
                                 given_tokens=given_tokens, given_mask=r.given_mask, **parallel_options(r))
-        with cpu_threads(1 if runs_best_on_one_thread(self.model, self.device) else None):  # small models, CPU
+        with cpu_threads(1 if runs_best_on_one_thread(self.model, self.device) else None), \
+                compile_failures_named(compile):  # small models run on one CPU thread; compile warms in here
             if loop == "reference":
                 tokens = decode_tokens_reference(self.model, self.version, hidden, cache, mask, request)
             else:

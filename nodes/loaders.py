@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+import comfy.ops
 import folder_paths
 from comfy_api.latest import io
 
@@ -18,6 +19,8 @@ from .model import (
     DTYPE_CHOICES,
     NextStepModelType,
     NextStepVAEType,
+    describe_precision,
+    load_device,
     offload_device,
     plan_memory,
     wrap_pipeline,
@@ -99,16 +102,17 @@ class NextStepModelLoader(io.ComfyNode):
                                        "(NextStep-1.0 models)."),
                 io.Combo.Input("dtype", options=DTYPE_CHOICES, default="auto",
                                tooltip="Weight precision. fp8_e4m3fn stores the decoder's matrices in 8 bits "
-                                       "(about 15 GB for NextStep-1's 14B parameters instead of 30 GB in bfloat16) "
+                                       "(about 15 GB for NextStep-1's 14B parameters instead of 28 GB in bfloat16) "
                                        "and computes in bfloat16. auto: on a GPU the memory planner picks bfloat16 "
-                                       "or fp8 from the free memory (the plan is logged); float32 on the CPU."),
+                                       "or fp8 for the GPU's total memory and ComfyUI's memory flags (the plan "
+                                       "is logged); float32 on the CPU."),
                 io.Combo.Input("version", options=[AUTO, "1.0", "1.1"], default=AUTO,
                                tooltip="Which release's prompt layout and sampling defaults to use. auto: detected "
                                        "from the checkpoint's files."),
                 io.Int.Input("block_swap", default=AUTO_SWAP, min=AUTO_SWAP, max=200, optional=True,
                              tooltip="Decoder layers kept in CPU RAM and streamed to the GPU while they run (with "
                                      "the next one prefetched): less GPU memory, slower tokens. -1: auto, the memory "
-                                     "planner decides from the free memory (0 on the CPU)."),
+                                     "planner decides for the GPU's total memory and ComfyUI's flags (0 on the CPU)."),
             ],
             outputs=[
                 NextStepModelType.Output("model", display_name="model",
@@ -138,11 +142,16 @@ class NextStepModelLoader(io.ComfyNode):
         vae_folder = None if tokenizer == AUTO else resolve(tokenizer)
         files = inspect_model_folder(folder, vae_folder=vae_folder, version=version)
         precision, swap = plan_memory(files, dtype, block_swap)
+        # Staged on the offload device, computing where ComfyUI will move it: the precision suits the GPU.
+        # comfy.ops layers only where ComfyUI may stream weights (a GPU): on the CPU they would only add a
+        # call per product.
+        operations = None if load_device().type == "cpu" else comfy.ops.disable_weight_init
         pipe = NextStepPipeline.from_folder(folder, vae_folder, version=version, precision=precision,
-                                            block_swap=swap, device=offload_device())
+                                            block_swap=swap, device=offload_device(), compute_device=load_device(),
+                                            operations=operations)
         logging.info("NextStep: loaded %s as NextStep-%s (%s), %s, %d decoder layers swapped", folder,
-                     pipe.version.name, "; ".join(pipe.version_reasons), precision, swap)
-        loaded = wrap_pipeline(pipe, model_name)
+                     pipe.version.name, "; ".join(pipe.version_reasons), describe_precision(pipe), swap)
+        loaded = wrap_pipeline(pipe, model_name, files)
         return io.NodeOutput(loaded, loaded.vae)
 
 

@@ -18,7 +18,7 @@ from ..nextstep_core.demo.vocabulary import demo_model_warning
 from ..nextstep_core.errors import NextStepError
 from ..nextstep_core.request import Given, Guidance, Output, Request, Sampling
 from .latent import to_latent_dict
-from .model import LoadedNextStep, NextStepModelType, load_onto_device, release_swap
+from .model import LoadedNextStep, NextStepModelType, load_for_generation, release_swap
 from .preview import TokenProgress
 from .reference import reference_input, region_mask
 from .sampler import USE_NORM, sampler_input, sampler_widgets, shared_sampler
@@ -101,14 +101,15 @@ def generate(model: LoadedNextStep, prompt: str, *, width: int, height: int, ima
         given=Given(reference=reference, keep_rows=keep_rows, region=region, grow=grow),
         output=Output(size=(width, height), num_images=batch_size, seed=seed),
     )
-    grid = pipe.resolve(prompt, request).token_grid
+    resolved = pipe.resolve(prompt, request)
+    grid = resolved.token_grid
     warn_about_unknown_words(pipe, prompt)
     progress = TokenProgress(model.vae, grid, pipe.model.config.latent_patch_size)
-    if image is not None or reference is not None or progress.previews:
-        # the tokenizer encodes a pixel reference / fits the preview colours
-        load_onto_device(model.patcher, model.vae.patcher)
-    else:
-        load_onto_device(model.patcher)
+    with_vae = image is not None or reference is not None or progress.previews  # encodes / fits preview colours
+    size = pipe.pixels_per_token
+    load_for_generation(model, width=grid[1] * size, height=grid[0] * size, images=batch_size, cfg=resolved.cfg,
+                        cfg_img=resolved.cfg_img, editing=image is not None,
+                        with_vae=with_vae)  # the request's working memory reserved
     result = pipe.generate(prompt, request, callback=progress, decode=False)
     release_swap(model)
     return to_latent_dict(result.latents, model.vae.config)

@@ -34,7 +34,7 @@ def decoder_linears(pipe):
 
 def test_bf16_weights_compute_in_float32_with_bf16_storage(bf16_file_model, no_native_bf16, caplog):
     with caplog.at_level(logging.WARNING, logger="nextstep_core"):
-        upcast = NextStepPipeline.from_folder(bf16_file_model, dtype="bfloat16")
+        upcast = NextStepPipeline.from_folder(bf16_file_model, precision="bfloat16")
         NextStepPipeline.from_folder(bf16_file_model, precision="bf16")
     told = [r.getMessage() for r in caplog.records if "no native bfloat16" in r.getMessage()]
     assert len(told) == 1 and "bf16 weights compute in float32" in told[0]
@@ -42,7 +42,7 @@ def test_bf16_weights_compute_in_float32_with_bf16_storage(bf16_file_model, no_n
     assert linears and all(isinstance(m, UpcastLinear) and m.weight.dtype == torch.bfloat16 for m in linears)
     assert upcast.dtype == torch.float32 and upcast.model.image_head.net.input_proj.weight.dtype == torch.float32
     # The file's values are bf16, so upcasting on use computes exactly what a float32 load computes.
-    float32 = NextStepPipeline.from_folder(bf16_file_model, dtype="float32")
+    float32 = NextStepPipeline.from_folder(bf16_file_model, precision="float32")
     tokens = [pipe.generate("a red circle", **REQUEST).tokens for pipe in (upcast, float32)]
     assert torch.equal(*tokens)
 
@@ -50,14 +50,15 @@ def test_bf16_weights_compute_in_float32_with_bf16_storage(bf16_file_model, no_n
 def test_fp8_weights_compute_in_float32(bf16_file_model, no_native_bf16):
     fp8 = NextStepPipeline.from_folder(bf16_file_model, precision="fp8_e4m3fn")
     assert fp8.dtype == torch.float32 and all(isinstance(m, Fp8Linear) for m in decoder_linears(fp8))
-    explicit = NextStepPipeline.from_folder(bf16_file_model, precision="fp8_e4m3fn", fp8_compute=torch.float32)
+    explicit = NextStepPipeline.from_folder(bf16_file_model,
+                                            precision=parse_precision("fp8_e4m3fn", fp8_compute=torch.float32))
     tokens = [pipe.generate("a red circle", **REQUEST).tokens for pipe in (fp8, explicit)]
     assert torch.equal(*tokens)
 
 
 def test_native_bf16_cpus_and_gpus_keep_bfloat16(bf16_file_model, monkeypatch):
     monkeypatch.setattr(precision, "native_bf16_cpu", lambda: True)
-    pipe = NextStepPipeline.from_folder(bf16_file_model, dtype="bfloat16")
+    pipe = NextStepPipeline.from_folder(bf16_file_model, precision="bfloat16")
     assert pipe.dtype == torch.bfloat16 and all(isinstance(m, torch.nn.Linear) for m in decoder_linears(pipe))
     monkeypatch.setattr(precision, "native_bf16_cpu", lambda: False)
     bf16 = parse_precision("bf16")

@@ -67,6 +67,19 @@ def test_fp8_kernel_choice_and_scaled_mm_product(monkeypatch):
     assert ((y_scaled.double() - expected).abs() <= bound).all()
 
 
+class FakeCudart:
+    def __init__(self, calls):
+        self.calls = calls
+
+    def cudaHostRegister(self, pointer, size, flags):
+        self.calls.append(("register", pointer, size, flags))
+        return 0
+
+    def cudaHostUnregister(self, pointer):
+        self.calls.append(("unregister", pointer))
+        return 0
+
+
 class FakeEvent:
     recorded = []
 
@@ -98,13 +111,14 @@ def test_block_swap_side_stream_branch_gives_identical_outputs(tiny_model_1_0, m
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute_stream)
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contexts.append(stream) or contextlib.nullcontext())
-    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(1) or self.clone())
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart(pinned))
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: recorded_on.append(stream))
     monkeypatch.setattr(FakeEvent, "recorded", [])
     pipe = NextStepPipeline.from_folder(tiny_model_1_0, block_swap=2)
     swap = pipe.model.block_swap
     tensors_per_layer = len(swap.storage[swap.order[0]])
-    assert len(pinned) == 2 * tensors_per_layer  # every storage tensor pinned (CUDA is "present")
+    # One host buffer behind every storage tensor, page-locked in place (CUDA is "present").
+    assert pinned == [("register", swap.buffer.data_ptr(), swap.buffer.numel(), 0)] and swap.pinned
     result = pipe.generate("a red circle", width=32, height=32, steps=3, seed=5, num_images=2)
     assert torch.equal(result.tokens, expected.tokens) and torch.equal(result.images, expected.images)
     assert contexts and all(isinstance(s, FakeStream) and s is not compute_stream for s in contexts)

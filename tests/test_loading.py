@@ -29,10 +29,13 @@ def test_every_tensor_lands_and_none_is_missing(fixture, request):
     files = inspect_model_folder(folder)
     assert len(files.weight_files) == 2  # sharded, with an index
     assert (folder / "model.safetensors.index.json").is_file()
-    model = load_model(files)
+    model = load_model(files, lm_head=True)
     state = {n.removeprefix("backbone."): t for n, t in model.state_dict().items() if "rotary_emb" not in n}
     on_disk = checkpoint_tensors(folder)
     assert set(state) == set(on_disk)
+    for_generation = load_model(files)  # without the text head, which generation never reads
+    assert for_generation.lm_head is None and set(for_generation.state_dict()) == set(model.state_dict()) - {
+        "lm_head.weight"}
     for name, tensor in on_disk.items():
         assert torch.equal(state[name], tensor), name
     assert not any(p.is_meta for p in model.parameters())
@@ -56,7 +59,7 @@ def test_layouts_and_version_detection(tiny_model_1_0, tiny_model_1_1):
 def test_single_file_checkpoint_and_bf16(tmp_path):
     folder = write_tiny_model(tmp_path, version="1.1", spec=TinySpec(shards=1))
     assert (folder / "model.safetensors").is_file() and not (folder / "model.safetensors.index.json").exists()
-    pipe = NextStepPipeline.from_folder(folder, dtype="bfloat16")
+    pipe = NextStepPipeline.from_folder(folder, precision="bfloat16")
     compute = torch.bfloat16 if precision.native_bf16_cpu() else torch.float32  # precision.for_device
     assert pipe.model.image_head.net.input_proj.weight.dtype == compute
     result = pipe.generate("a red circle", width=32, height=32, steps=2)
@@ -166,8 +169,8 @@ def test_vae_with_wrong_latent_channels(model_copy):
 
 
 def test_bad_dtype(tiny_model_1_1):
-    with pytest.raises(NextStepError, match="dtype 'float64' is not one of float32, bfloat16, float16"):
-        NextStepPipeline.from_folder(tiny_model_1_1, dtype="float64")
+    with pytest.raises(NextStepError, match="precision 'float64' is not one of auto, bf16, fp16, fp32, fp8_e4m3fn"):
+        NextStepPipeline.from_folder(tiny_model_1_1, precision="float64")
 
 
 def test_config_sampling_defaults_override_the_version_defaults(model_copy):

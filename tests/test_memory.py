@@ -87,7 +87,7 @@ def test_tiny_model_generates_with_fp8_weights_and_the_converted_checkpoint_relo
 
 def test_demo_model_generates_with_fp8_weights():
     bf16 = NextStepPipeline.from_folder(DEMO, precision="bf16")
-    fp8 = NextStepPipeline.from_folder(DEMO, precision="fp8_e4m3fn", fp8_compute=torch.float32)
+    fp8 = NextStepPipeline.from_folder(DEMO, precision=parse_precision("fp8_e4m3fn", fp8_compute=torch.float32))
     matrices = [m for m in fp8.model.modules() if isinstance(m, Fp8Linear)]
     assert len(matrices) == 7 * fp8.model.config.num_hidden_layers
     fp8_bytes = sum(m.weight.numel() for m in matrices)
@@ -121,16 +121,16 @@ def test_block_swap_gives_identical_outputs_with_two_layers_in_flight_at_most(ti
         assert len(swap.order) == count
         storage = {t.data_ptr() for ts in swap.storage.values() for t in ts}
         seen_during_forward = []
-        layer = pipe.model.backbone.layers[-1].layer
-        layer.register_forward_pre_hook(
-            lambda m, a, seen=seen_during_forward: seen.append(m.self_attn.q_proj.weight.data_ptr()))
+        layer = pipe.model.backbone.layers[-1]
+        layer.self_attn.q_proj.register_forward_pre_hook(
+            lambda m, a, seen=seen_during_forward: seen.append(m.weight.data_ptr()))
         result = pipe.generate("a red circle", width=32, height=32, steps=3, seed=5, num_images=2)
         assert torch.equal(result.images, expected.images)
         assert torch.equal(result.tokens, expected.tokens)
         assert seen_during_forward and not storage & set(seen_during_forward)  # ran on the compute copy
         assert layer.self_attn.q_proj.weight.data_ptr() in storage  # back on storage after use
         assert swap.max_resident <= 2
-        assert parameter_bytes(pipe.model) == parameter_bytes(plain.model) - swap.storage_bytes()
+        assert parameter_bytes(pipe.model) == parameter_bytes(plain.model)  # nothing hidden from the module tree
 
 
 def test_block_swap_errors_name_the_setting(tiny_model_1_1):
@@ -168,7 +168,7 @@ def test_planner_picks_bf16_then_fp8_then_swap_and_explains(medium_model):
 
     roomy = choose_plan(files, free_for(bf16.total), request)
     assert (roomy.precision, roomy.block_swap) == ("bf16", 0)
-    tighter = choose_plan(files, free_for(bf16.total) - 1, request)
+    tighter = choose_plan(files, free_for(bf16.total) - 64, request)  # 64 bytes short (float rounding)
     assert (tighter.precision, tighter.block_swap) == ("fp8_e4m3fn", 0)
     tight = choose_plan(files, free_for(fp8.total * 0.8), request)
     assert tight.precision == "fp8_e4m3fn" and 0 < tight.block_swap < 12

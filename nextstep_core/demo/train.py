@@ -264,7 +264,7 @@ def import_folder(folder: Path, out: Path, log) -> None:
     Its text tokenizer must be the one training writes (tiny_tokenizer)."""
     from ..pipeline import NextStepPipeline  # the public loader, float32
 
-    pipe = NextStepPipeline.from_folder(folder)
+    pipe = NextStepPipeline.from_folder(folder, load_lm_head=True)  # training fits the text head too
     config, vae, net = pipe.model.config, pipe.image_tokenizer.config, pipe.model.image_head.net
     training_vocab = load_tokenizer(write_tiny_tokenizer(out / "text_tokenizer", vocab_size=640)).get_vocab()
     if pipe.tokenizer.get_vocab() != training_vocab:

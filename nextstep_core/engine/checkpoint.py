@@ -333,7 +333,8 @@ def save_sharded(folder: Path, tensors: dict[str, torch.Tensor], shards: int) ->
 def save_converted(model: torch.nn.Module, folder, *, shard_bytes: int = 4 << 30) -> None:
     """Write a loaded model's weights (fp8 ones as F8_E4M3 + `.weight_scale`) as safetensors shards
     under their released names, with an index. Copy config.json, the tokenizer files and vae/ beside
-    them to make a model folder `from_folder` loads as it is (no conversion on load)."""
+    them to make a model folder `from_folder` loads as it is (no conversion on load). It holds what was
+    loaded: a model loaded for generation has no lm_head (load with load_lm_head=True to keep it)."""
     tensors = {}
     for name, t in model.state_dict().items():
         if "rotary_emb" in name or name in tensors:

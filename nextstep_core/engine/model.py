@@ -88,6 +88,7 @@ class NextStepModel(nn.Module):
         self.image_in_projector = nn.Linear(config.token_dim, hidden)
         self.image_out_projector = nn.Linear(hidden, hidden)
         self.image_head = FlowHead(config.token_dim, hidden, head_dim, head_layers)
+        self.block_swap = None  # memory.offload.BlockSwap while layers are swapped
         # 1.0 checkpoints carry the (1, 32*32, hidden) table even where the config turns it off.
         if config.use_gen_pos_embed if position_table is None else position_table:
             self.register_buffer("gen_pos_embed", torch.zeros(1, POSITION_TABLE_TOKENS, hidden))
@@ -125,8 +126,11 @@ def head_size_from_shapes(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]
     return shapes[key][0], len(blocks)
 
 
-def build_empty_model(files: ModelFiles) -> NextStepModel:
-    """The model on the meta device, shaped after the checkpoint; no memory is used yet."""
+def build_empty_model(files: ModelFiles, *, lm_head: bool = False, operations=None) -> NextStepModel:
+    """The model on the meta device, shaped after the checkpoint; no memory is used yet.
+
+    lm_head: build the text head (generation never uses it; training does). operations: a factory
+    whose `Linear` class replaces every plain nn.Linear (use_operations)."""
     config = files.config
     head_dim, head_layers = head_size_from_shapes(files.tensor_shapes)
     in_shape = files.tensor_shapes.get("image_in_projector.weight")
@@ -135,25 +139,45 @@ def build_empty_model(files: ModelFiles) -> NextStepModel:
             f"image_in_projector takes {in_shape[1]} numbers per token but config.json says "
             f"latent_channels {config.latent_channels} x patch {config.latent_patch_size}^2 = {config.token_dim}"
         )
-    has_lm_head = "lm_head.weight" in files.tensor_shapes or config.tie_word_embeddings
+    if lm_head and "lm_head.weight" not in files.tensor_shapes and not config.tie_word_embeddings:
+        raise NextStepError(f"model folder {files.folder} has no lm_head.weight (and config.json does not tie it to "
+                            "the embeddings): load it without the text head (load_lm_head=False)")
     with init_empty_weights(include_buffers=True):
-        return NextStepModel(config, head_dim, head_layers, lm_head=has_lm_head,
-                             position_table="gen_pos_embed" in files.tensor_shapes or config.use_gen_pos_embed)
+        model = NextStepModel(config, head_dim, head_layers, lm_head=lm_head,
+                              position_table="gen_pos_embed" in files.tensor_shapes or config.use_gen_pos_embed)
+    if operations is not None:
+        use_operations(model, operations)
+    return model
 
 
-def load_model(files: ModelFiles, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               precision: Precision | str | None = None) -> NextStepModel:
+def use_operations(model: nn.Module, operations) -> None:
+    """Rebuild every plain nn.Linear of the model (on the meta device) as `operations.Linear`, the
+    way ComfyUI's native models take `operations=` (comfy.ops classes cast their weights on use when
+    ComfyUI streams them). Fp8Linear / UpcastLinear, swapped in later, are left as they are."""
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear:
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        with init_empty_weights(include_buffers=True):
+            new = operations.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        setattr(parent, attr, new)
+
+
+def load_model(files: ModelFiles, *, device: str | torch.device = "cpu", precision: Precision | str = "fp32",
+               lm_head: bool = False, operations=None) -> NextStepModel:
     """Build the model empty, then stream every tensor from the safetensors files into place.
 
-    `precision` (a name such as "fp8_e4m3fn", or a Precision) overrides `dtype`. Each tensor is
+    `precision`: a name such as "fp8_e4m3fn" or "float32", or a Precision. Each tensor is
     allocated once on `device` in its final dtype and filled from the file with positioned
     reads (see stream.py), shard by shard: no state dict, no fp32 detour, no mapped pages
     piling up. fp8 storage quantises the decoder matrices a block of rows at a time; a
     checkpoint saved already converted (`.weight` in F8_E4M3 + `.weight_scale`) loads as is.
-    Every checkpoint tensor must land on a model tensor and vice versa.
+    `lm_head.weight` is skipped unless `lm_head` (generation never reads it; see build_empty_model).
+    Every other checkpoint tensor must land on a model tensor and vice versa.
     """
-    precision = parse_precision(dtype if precision is None else precision)
-    model = build_empty_model(files)
+    precision = parse_precision(precision)
+    model = build_empty_model(files, lm_head=lm_head, operations=operations)
     use_stored_linears(model, precision)
     targets = dict(model.named_parameters())
     targets.update(dict(model.named_buffers()))
@@ -164,6 +188,8 @@ def load_model(files: ModelFiles, *, dtype: torch.dtype = torch.float32, device:
         with SafetensorsFile(path) as f:  # one shard open at a time
             for name in f.names():
                 module_name = checkpoint_name_to_module_name(name)
+                if module_name == "lm_head.weight" and not lm_head:
+                    continue
                 if module_name not in expected:
                     unexpected.append(name)
                     continue

@@ -11,9 +11,10 @@ compute dtype, so only one layer's upcast weight exists at a time. On GPUs with 
 (compute capability 8.9+) `fp8_matmul` instead quantises the activations per row and calls
 `torch._scaled_mm` on the stored weight directly.
 
-On a CPU without native bfloat16 (`native_bf16_cpu`: no AVX-512 BF16 or AMX), bf16 and fp8
-weights compute in float32 instead (`for_device`; the user is told once): fp8 matrices through
-Fp8Linear in float32, bf16 matrices kept in bf16 as `UpcastLinear`s, the rest loaded in float32.
+When the model computes on a CPU without native bfloat16 (`native_bf16_cpu`: no AVX-512 BF16 or
+AMX), bf16 and fp8 weights compute in float32 instead (`for_device`, given the compute device, not
+the device the weights are staged on; the user is told once): fp8 matrices through Fp8Linear in
+float32, bf16 matrices kept in bf16 as `UpcastLinear`s, the rest loaded in float32.
 
 Conversion happens at load time (model.load_model streams the released bf16 tensors into
 `quantize_rows_into`, a block of rows at a time); `save_converted` writes the result back as
@@ -110,6 +111,22 @@ def for_device(precision: Precision, device: torch.device) -> Precision:
             "matrices stay %s and are upcast per layer; the rest loads in float32): faster here than bfloat16",
             precision.name, "fp8" if precision.fp8 else "bf16")
     return replace(precision, dtype=torch.float32, stored=None if precision.fp8 else torch.bfloat16)
+
+
+def compute_device_of(device: str | torch.device) -> torch.device:
+    """The device a model will compute on, by name only: it need not be this process's to load
+    onto (ComfyUI names its GPU while the weights are staged on the CPU)."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise NextStepError(f"compute device {device!r} is not a device name (cpu, cuda, cuda:1, mps)") from exc
+
+
+def default_exact(device: torch.device) -> bool:
+    """generate's `exact` when left as None: on for the CPU, where it gives the reference loop's
+    tokens bit for bit; off elsewhere (CUDA kernels cannot promise those bits, and exact mode cost
+    about 40 % of the token rate on an H100)."""
+    return torch.device(device).type == "cpu"
 
 
 class UpcastLinear(nn.Module):

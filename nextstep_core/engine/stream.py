@@ -108,7 +108,7 @@ class SafetensorsFile:
         file_dtype, shape, offset, _ = self.entries[name]
         dtype = dtype or file_dtype
         out = torch.empty(shape, dtype=dtype, device=device)
-        if out.numel() == 0:
+        if out.numel() == 0 or out.is_meta:  # meta: shapes and dtypes only (planning, tests)
             return out
         if dtype == file_dtype and out.device.type == "cpu":
             self.read_bytes_into(out, offset)
@@ -125,6 +125,8 @@ class SafetensorsFile:
             raise NextStepError(f"tensor {name} in {self.path.name} has shape {shape}; fp8 storage needs a matrix")
         weight = torch.empty(shape, dtype=torch.float8_e4m3fn, device=device)
         scale = torch.empty(shape[0], dtype=torch.float32, device=device)
+        if weight.is_meta:
+            return weight, scale
         for first, block in self.row_blocks(name):
             quantize_rows_into(block, weight, scale, first, self.work_buffer(block.numel(), weight.device))
         return weight, scale

@@ -9,6 +9,7 @@ only), the image tokenizer's config and the request:
 - weights: the transformer's tensors resident on the device at the chosen precision (fp8:
   the decoder matrices 1 byte + 4 bytes of scale per row; the rest in bf16); swapped layers
   are not resident, but two of them are in flight (the running one and the prefetched one).
+  `lm_head` is not counted: generation never loads it (model.load_model).
 - kv_cache: keys and values of every layer for every guidance row, prompt plus image tokens;
   growing the cache concatenates, so one layer's keys and values exist twice for a moment.
 - activations: the largest transient of a forward, the prefill's MLP (gate, up and their
@@ -27,7 +28,10 @@ quality.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -70,6 +74,7 @@ class MemoryPlan:
     """One candidate's estimate. Sizes in bytes; `free` is what the device had (None when not given)."""
 
     precision: str
+    compute_dtype: str
     block_swap: int
     layers: int
     weights: int
@@ -84,11 +89,22 @@ class MemoryPlan:
     free: int | None = None
 
     @property
-    def total(self) -> int:
-        """The estimated peak: resident weights + the largest phase."""
+    def phase_peak(self) -> int:
+        """The largest phase (prefill, token loop, decode), the KV cache alive in each."""
         loop = self.kv_cache + self.head + self.upcast
         decode = self.kv_cache + self.vae_decode
-        return self.weights + self.swap_buffers + self.vae_weights + max(self.prefill + self.upcast, loop, decode)
+        return max(self.prefill + self.upcast, loop, decode)
+
+    @property
+    def working(self) -> int:
+        """What a run needs on the device beside the resident weights of both networks: the swap
+        buffers and the largest phase (ComfyUI's `memory_required`)."""
+        return self.swap_buffers + self.phase_peak
+
+    @property
+    def total(self) -> int:
+        """The estimated peak: resident weights + the largest phase."""
+        return self.weights + self.vae_weights + self.working
 
     def fits(self, free: int) -> bool:
         return self.total <= free * (1 - RESERVE_FRACTION) - RESERVE_BYTES
@@ -96,7 +112,7 @@ class MemoryPlan:
     def describe(self) -> str:
         """A printable table of the plan."""
         swap = f", {self.block_swap} of {self.layers} decoder layers swapped to the CPU" if self.block_swap else ""
-        lines = [f"NextStep memory plan: {self.precision}{swap}"]
+        lines = [f"NextStep memory plan: {self.precision} computing in {self.compute_dtype}{swap}"]
         rows = [("weights (resident)", self.weights), ("swap buffers (2 layers)", self.swap_buffers),
                 ("KV cache", self.kv_cache), ("activations (prefill)", self.activations),
                 ("flow head working set", self.head), ("fp8 upcast (1 matrix)", self.upcast),
@@ -120,6 +136,10 @@ def numel(shape) -> int:
     return n
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.tensor([], dtype=dtype).element_size()
 
@@ -141,10 +161,12 @@ def tensor_bytes(name: str, shape, precision: Precision) -> int:
     return numel(shape) * dtype_bytes(precision.dtype)
 
 
-def weight_bytes(files: ModelFiles, precision: Precision) -> tuple[int, dict[int, int]]:
-    """(bytes outside the decoder layers, {layer index: bytes}) at `precision`."""
+def weight_bytes(files: ModelFiles, precision: Precision, lm_head: bool = False) -> tuple[int, dict[int, int]]:
+    """(bytes outside the decoder layers, {layer index: bytes}) at `precision`; lm_head only if asked."""
     outside, per_layer = 0, {}
     for name, shape in files.tensor_shapes.items():
+        if name.removeprefix("model.") == "lm_head.weight" and not lm_head:
+            continue
         size = tensor_bytes(name, shape, precision)
         layer = layer_of(name)
         if layer is None:
@@ -158,13 +180,19 @@ def vae_weight_bytes(files: ModelFiles, dtype: torch.dtype) -> int:
     """Parameters of the image tokenizer, counted on a meta-device build from its config."""
     if files.vae_folder is None:
         return 0
+    return vae_parameters(str(files.vae_folder), files.version.name == "1.1") * dtype_bytes(dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def vae_parameters(vae_folder: str, nextstep_1_1: bool) -> int:
+    """Parameters of the image tokenizer in `vae_folder` (a planner tries many candidates: built once)."""
     from ..engine.vae import build_autoencoder
     from ..engine.vae_files import read_config
 
-    config = read_config(files.vae_folder, files.version.name == "1.1")
+    config = read_config(Path(vae_folder), nextstep_1_1)
     with torch.device("meta"):
         autoencoder = build_autoencoder(config)
-    return sum(p.numel() for p in autoencoder.parameters()) * dtype_bytes(dtype)
+    return sum(p.numel() for p in autoencoder.parameters())
 
 
 def vae_decode_bytes(files: ModelFiles, request: Request, dtype: torch.dtype) -> int:
@@ -207,12 +235,13 @@ def head_bytes(files: ModelFiles, request: Request, dtype: torch.dtype) -> int:
 
 
 def estimate(files: ModelFiles, precision: str | Precision, block_swap: int = 0, request: Request | None = None,
-             free: int | None = None) -> MemoryPlan:
-    """The memory plan of one (precision, block swap) choice for `request`."""
+             free: int | None = None, *, lm_head: bool = False) -> MemoryPlan:
+    """The memory plan of one (precision, block swap) choice for `request` (lm_head: counted too, as a
+    load for training has it)."""
     request = request or Request()
     precision = parse_precision(precision)
     dtype = precision.dtype
-    outside, per_layer = weight_bytes(files, precision)
+    outside, per_layer = weight_bytes(files, precision, lm_head)
     layers = sorted(per_layer)
     swapped = layers[len(layers) - block_swap:] if block_swap else []
     resident = outside + sum(per_layer[i] for i in layers if i not in swapped)
@@ -221,7 +250,8 @@ def estimate(files: ModelFiles, precision: str | Precision, block_swap: int = 0,
     activations = prefill_activation_bytes(files, request, dtype)
     prompt_kv = kv * request.prompt_length // (request.prompt_length + request.image_tokens)
     return MemoryPlan(
-        precision=precision.name, block_swap=block_swap, layers=len(layers), weights=resident,
+        precision=precision.name, compute_dtype=dtype_name(dtype), block_swap=block_swap, layers=len(layers),
+        weights=resident,
         swap_buffers=swap_buffers, kv_cache=kv, activations=activations, head=head_bytes(files, request, dtype),
         vae_weights=vae_weight_bytes(files, dtype), vae_decode=vae_decode_bytes(files, request, dtype),
         prefill=prompt_kv + activations, upcast=fp8_upcast_bytes(files, precision), free=free,
@@ -248,17 +278,19 @@ def candidates(num_layers: int, precision: str, block_swap: int | None):
 
 
 def choose_plan(files: ModelFiles, free_bytes: int, request: Request | None = None, *, precision: str = "auto",
-                block_swap: int | None = None) -> MemoryPlan:
+                block_swap: int | None = None, fits: Callable[[MemoryPlan], bool] | None = None) -> MemoryPlan:
     """The first plan that fits `free_bytes` (see the module doc); precision/block_swap fix one of the two.
+    fits: another test of a plan than MemoryPlan.fits(free_bytes) (ComfyUI's own accounting, say).
 
     Raises NextStepError naming the need and the free memory when nothing fits.
     """
     request = request or Request()
     num_layers = files.config.num_hidden_layers
+    fits = fits or (lambda candidate: candidate.fits(free_bytes))
     plan = None
     for p, s in candidates(num_layers, precision, block_swap):
         plan = estimate(files, p, s, request, free=free_bytes)
-        if plan.fits(free_bytes):
+        if fits(plan):
             return plan
     raise NextStepError(
         f"{files.folder.name} at {request.width}x{request.height} needs about {plan.total / GIB:.1f} GiB even as "

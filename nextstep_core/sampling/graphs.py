@@ -63,8 +63,9 @@ def graph_mode(option: str | bool, device: torch.device, *, block_swap: bool, co
 def capture_cuda_graph(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, Callable[[], torch.Tensor] | None]:
     """A real run of fn on a side stream (warm-up; its output is returned), then one graph
     capture of fn. The capture runs no kernel, so state that fn changes in place (the KV cache,
-    its length) changes once, by the warm-up, and then once per replay. If the capture fails,
-    replay is None and the warm-up's output still stands."""
+    its length) changes once, by the warm-up, and then once per replay. If the capture fails in a
+    way eager mode survives (capture_only_failure; the reason is logged), replay is None and the
+    warm-up's output still stands; any other failure (out of memory included) propagates."""
     device = torch.cuda.current_device()
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
@@ -75,8 +76,12 @@ def capture_cuda_graph(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, Ca
     try:
         with torch.cuda.graph(graph):
             output = fn()
-    except Exception as exc:  # noqa: BLE001 - whatever breaks the capture, the warm-up's token stands
-        logging.getLogger(__name__).warning("CUDA graph capture failed (%s); the tokens run eagerly", exc)
+    except RuntimeError as exc:
+        reason = capture_only_failure(exc)
+        if reason is None:  # out of memory, or a fault eager mode would meet too: the caller must see it
+            raise
+        logging.getLogger(__name__).warning("CUDA graph capture failed: %s (%s); the tokens run eagerly", reason,
+                                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return first, None
 
     def replay() -> torch.Tensor:
@@ -84,6 +89,23 @@ def capture_cuda_graph(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, Ca
         return output
 
     return first, replay
+
+
+# Messages of failures that only a capture meets (CUDA's stream-capture errors): eager mode runs the same step.
+CAPTURE_ONLY_MESSAGES = ("operation not permitted when stream is capturing", "stream is capturing",
+                         "cudaErrorStreamCapture", "CUDA graph capture", "capture_begin", "capture_end")
+
+
+def capture_only_failure(exc: BaseException) -> str | None:
+    """Why a CUDA graph capture failed where an eager run would not, or None when eager mode cannot be
+    expected to survive it: an out-of-memory error (the eager run needs the same tensors) and any
+    other error are the caller's to see."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return None
+    message = str(exc)
+    if any(text.lower() in message.lower() for text in CAPTURE_ONLY_MESSAGES):
+        return "the step runs an operation CUDA graphs cannot capture"
+    return None
 
 
 class RecordedGraph(TorchDispatchMode):

@@ -104,7 +104,10 @@ class NoiseStream:
         """The next `count` blocks (count, images, token_dim), drawn one by one as __call__
         would draw them, moved to the device at once."""
         stacked = torch.stack([self.draw() for _ in range(count)])
-        return stacked if self.device.type == "cpu" else stacked.to(self.device, non_blocking=True)
+        # Asynchronous only on CUDA, which stages a copy from pageable memory before returning; elsewhere
+        # (MPS) a non-blocking copy could read the CPU block after it is freed.
+        cuda = self.device.type == "cuda"
+        return stacked if self.device.type == "cpu" else stacked.to(self.device, non_blocking=cuda)
 
 
 def report_progress(request: DecodeRequest, tokens: torch.Tensor, done: int) -> None:

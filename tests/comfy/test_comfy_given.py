@@ -66,7 +66,7 @@ def pipeline(base, model):
 
     folder = base / "models" / "nextstep"
     vae_folder = None if (folder / model / "vae").is_dir() else folder / "NextStep-1-f8ch16-Tokenizer"
-    return NextStepPipeline.from_folder(folder / model, vae_folder, device="cpu", dtype="float32")
+    return NextStepPipeline.from_folder(folder / model, vae_folder, device="cpu", precision="float32")
 
 
 def vae_factors(comfy, model):
