@@ -18,8 +18,10 @@ from nextstep_core.engine.head import (
     onednn_linear,
 )
 from nextstep_core.errors import NextStepError
+from nextstep_core.sampling.guidance import guide
 from nextstep_core.sampling.samplers import head_evaluations, prepare_sampler
 from nextstep_core.sampling.settings import FEW_STEP_SAMPLERS, RECOMMENDED_STEPS, SAMPLERS, SamplerSettings
+from nextstep_core.sampling.token_step import GuidedVelocity
 
 PROMPTS = ["a red circle", "two small blue squares at the top"]
 
@@ -180,18 +182,35 @@ def test_evaluation_times_are_the_times_the_sampler_asks_for(name):
     settings = SamplerSettings(name, steps=5, shift=2.0)
     seen = []
 
-    def velocity(x, t):
-        seen.append(float(t))
+    def velocity(x, t, index):
+        seen.append((float(t), index))
         return -x
 
     sampler = prepare_sampler(settings)
     sampler(velocity, lambda: torch.ones(1, 3))
-    assert seen == sampler.evaluation_times.tolist()
+    times = sampler.evaluation_times.tolist()
+    # each call says which evaluation it is, and its time is that evaluation's time
+    assert seen == [(t, i) for i, t in enumerate(times)]
     assert len(seen) == head_evaluations(settings)
 
 
+def test_guided_velocity_uses_the_index_it_is_given_not_its_call_count():
+    """GuidedVelocity evaluates the head at the evaluation the sampler names: asked for index 2
+    first (and again), it gives the guided net at times[2] each time, as the head itself does."""
+    torch.manual_seed(0)
+    net = FlowNet(token_dim=8, cond_dim=6, dim=16, layers=2)
+    times = torch.tensor([0.0, 0.3, 0.9])
+    head = TokenHead(net, times, rows=2, dtype=torch.float32)
+    velocity = GuidedVelocity(head, ["cond", "uncond_text"], SamplerSettings("ode", steps=3), torch.float32)
+    velocity.start_token(torch.randn(2, 6), cfg=3.0, cfg_img=1.0)
+    x = torch.randn(1, 8)
+    for index in (2, 2, 0):
+        expected = guide(head.velocity(x.expand(2, 8), index), ["cond", "uncond_text"], 3.0, 1.0, False)
+        assert torch.equal(velocity(x, times[index], index), expected)
+
+
 def point_mass_velocity(target):
-    return lambda x, t: (target - x) / (1 - t)
+    return lambda x, t, index: (target - x) / (1 - t)
 
 
 @pytest.mark.parametrize("name", ["midpoint", "dpm2m", "dpm2m_sde"])  # heun evaluates at t = 1, undefined here
@@ -209,7 +228,7 @@ def test_few_step_samplers_land_on_a_point_mass(name):
 
 def gaussian_velocity(mu, s):
     """Exact flow velocity for data N(mu, s^2) from noise N(0, 1): its ODE maps x0 to mu + s x0."""
-    return lambda x, t: mu + (t * s * s - (1 - t)) / (t * t * s * s + (1 - t) ** 2) * (x - t * mu)
+    return lambda x, t, index: mu + (t * s * s - (1 - t)) / (t * t * s * s + (1 - t) ** 2) * (x - t * mu)
 
 
 def ode_error(name, steps):

@@ -74,7 +74,7 @@ def test_euler_maruyama_step_update_matches_hand_computation():
     result by >= 1e-2 of its size, a float32 rounding of the state by ~1e-7: both far outside that."""
     noise = ScriptedNoise()
     settings = SamplerSettings("euler_maruyama", steps=4, shift=1.0)
-    result = prepare_sampler(settings)(lambda x, t: 2 - x * t, noise)
+    result = prepare_sampler(settings)(lambda x, t, index: 2 - x * t, noise)
 
     draws = ScriptedNoise().values
     grid = time_grid("euler_maruyama", 4, 1.0)  # float32: 0, 0.32, 0.64, 0.96 rounded
@@ -94,7 +94,7 @@ def test_euler_maruyama_step_update_matches_hand_computation():
 
 def point_mass_velocity(target):
     """The exact flow velocity towards one point: v = (target - x) / (1 - t)."""
-    return lambda x, t: (target - x) / (1 - t)
+    return lambda x, t, index: (target - x) / (1 - t)
 
 
 @pytest.mark.parametrize("steps", [1, 3, 10])
@@ -107,9 +107,9 @@ def test_ode_lands_on_a_point_mass_exactly(steps):
     noise = ScriptedNoise()
     seen = []
 
-    def velocity(x, t):
+    def velocity(x, t, index):
         seen.append(x)
-        return point_mass_velocity(target)(x, t)
+        return point_mass_velocity(target)(x, t, index)
 
     out = prepare_sampler(SamplerSettings("ode", steps=steps, shift=3.0))(velocity, noise)
     bound = gamma(4, U64) * (target.abs() + (target - seen[-1]).abs())
@@ -123,7 +123,7 @@ def test_sde_step_update_matches_hand_computation():
     what is left is float64 rounding in another order (assert_float64_agree)."""
     level, steps, shift = 0.8, 3, 1.5
     noise = ScriptedNoise()
-    velocity = lambda x, t: torch.sin(x) + t  # noqa: E731
+    velocity = lambda x, t, index: torch.sin(x) + t  # noqa: E731
     out = prepare_sampler(SamplerSettings("sde", steps=steps, shift=shift, noise_level=level))(velocity, noise)
 
     draws = ScriptedNoise().values
@@ -150,7 +150,7 @@ def test_cps_step_update_matches_hand_computation():
     rounding in another order is all that is left (assert_float64_agree)."""
     level, steps = 0.5, 4
     noise = ScriptedNoise()
-    velocity = lambda x, t: 1.5 - 0.5 * x  # noqa: E731
+    velocity = lambda x, t, index: 1.5 - 0.5 * x  # noqa: E731
     out = prepare_sampler(SamplerSettings("cps", steps=steps, noise_level=level))(velocity, noise)
     draws = ScriptedNoise().values
     grid = [0.0, 0.25, 0.5, 0.75, 1.0]

@@ -34,7 +34,7 @@ def sample_token(net, condition: torch.Tensor, *, branches: list[str], cfg: floa
     condition_embedding = net.cond_embed(condition)  # constant over the steps of this token
     velocity_norm = sampler.settings.velocity_norm
 
-    def guided_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def guided_velocity(x: torch.Tensor, t: torch.Tensor, index: int) -> torch.Tensor:
         t_rows = t.expand(rows).to(condition)
         y = net.time_embed(t_rows) + condition_embedding
         raw = net.forward_embedded(x.repeat(num_branches, 1).to(condition.dtype), y).to(state_dtype)

@@ -32,11 +32,11 @@ def prepare_euler_maruyama(settings: SamplerSettings) -> Sampler:
 
     def run(velocity: VelocityFn, noise: NoiseFn) -> torch.Tensor:
         x = noise()
-        for t_i, one_minus_t, variance, dt, diffusion, sqrt_dt in steps:
-            v = velocity(x, t_i)
+        for i, (t_i, one_minus_t, variance, dt, diffusion, sqrt_dt) in enumerate(steps):
+            v = velocity(x, t_i, i)
             drift = v + one_minus_t * ((t_i * v - x) / variance)
             x = x + drift * dt + diffusion * (noise() * sqrt_dt)
-        return x + velocity(x, last) * LAST_STEP_SIZE
+        return x + velocity(x, last, len(steps)) * LAST_STEP_SIZE
 
     return Sampler(settings, grid, run)
 
@@ -69,8 +69,8 @@ def prepare_flow_steps(settings: SamplerSettings) -> Sampler:
 
     def run(velocity: VelocityFn, noise: NoiseFn) -> torch.Tensor:
         x = noise()
-        for t_i, one_minus_t, c in steps:
-            v = velocity(x, t_i)
+        for i, (t_i, one_minus_t, c) in enumerate(steps):
+            v = velocity(x, t_i, i)
             x0 = x - v * t_i
             x1 = x + v * one_minus_t
             if name == "ode":

@@ -35,8 +35,10 @@ RECOMMENDED_STEPS = {"heun": 4, "midpoint": 4, "dpm2m": 8, "dpm2m_sde": 8}
 # How the guidance scales move over the tokens of an image (guidance.py guidance_scales).
 CFG_SCHEDULES = ("constant", "linear")
 
-# velocity(x, t) -> the guided velocity (n, D) of the state x (n, D) at time t (a 0-d float32 tensor)
-VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# velocity(x, t, index) -> the guided velocity (n, D) of the state x (n, D) at time t (a 0-d float32
+# tensor), the sampler's evaluation number `index` (t == evaluation_times[index]; the fast loop's head
+# reads that evaluation's precomputed time embedding by it)
+VelocityFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 # noise() -> a fresh (n, D) block from the run's generator
 NoiseFn = Callable[[], torch.Tensor]
 
@@ -75,7 +77,8 @@ class Sampler:
     token's state (n, D), starting from its own first noise draw.
 
     evaluation_times: (head evaluations,) float32, the times at which `run` calls velocity, in
-    that order (the fast loop precomputes the head's time embeddings from them).
+    that order; `run` passes each call's position in it as the velocity's index (the fast loop
+    precomputes the head's time embeddings from them).
     """
 
     settings: SamplerSettings

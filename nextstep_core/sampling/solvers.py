@@ -34,10 +34,10 @@ def prepare_heun(settings: SamplerSettings) -> Sampler:
 
     def run(velocity: VelocityFn, noise: NoiseFn) -> torch.Tensor:
         x = noise()
-        for t_i, t_j, dt in steps:
-            v = velocity(x, t_i)
+        for i, (t_i, t_j, dt) in enumerate(steps):
+            v = velocity(x, t_i, 2 * i)
             predicted = x + v * dt
-            x = x + (v + velocity(predicted, t_j)) * (dt / 2)
+            x = x + (v + velocity(predicted, t_j, 2 * i + 1)) * (dt / 2)
         return x
 
     times = torch.stack([torch.stack([t_i, t_j]) for t_i, t_j, _ in steps]).reshape(-1)
@@ -55,9 +55,9 @@ def prepare_midpoint(settings: SamplerSettings) -> Sampler:
 
     def run(velocity: VelocityFn, noise: NoiseFn) -> torch.Tensor:
         x = noise()
-        for t_i, t_half, half_dt, dt in steps:
-            half = x + velocity(x, t_i) * half_dt
-            x = x + velocity(half, t_half) * dt
+        for i, (t_i, t_half, half_dt, dt) in enumerate(steps):
+            half = x + velocity(x, t_i, 2 * i) * half_dt
+            x = x + velocity(half, t_half, 2 * i + 1) * dt
         return x
 
     times = torch.stack([torch.stack([t_i, t_half]) for t_i, t_half, _, _ in steps]).reshape(-1)
@@ -104,8 +104,8 @@ def prepare_dpm_solver_2m(settings: SamplerSettings, eta: float) -> Sampler:
     def run(velocity: VelocityFn, noise: NoiseFn) -> torch.Tensor:
         x = noise()
         previous = None
-        for t_i, one_minus_t, keep, data, correction, noise_scale in steps:
-            x1 = x + velocity(x, t_i) * one_minus_t
+        for i, (t_i, one_minus_t, keep, data, correction, noise_scale) in enumerate(steps):
+            x1 = x + velocity(x, t_i, i) * one_minus_t
             estimate = x1 if correction == 0 else x1 + (x1 - previous) * correction
             x = x * keep + estimate * data
             if noise_scale:

@@ -29,8 +29,9 @@ from .settings import Sampler, SamplerSettings
 
 
 class GuidedVelocity:
-    """velocity(x, t) for the samplers, backed by a TokenHead: the i-th call uses the i-th
-    evaluation time of the prepared sampler (samplers evaluate their `evaluation_times` in order)."""
+    """velocity(x, t, index) for the samplers, backed by a TokenHead whose modulations were worked
+    out for the prepared sampler's `evaluation_times`: evaluation `index` uses the index-th of them
+    (the sampler says which, so the time and the modulations cannot drift apart)."""
 
     def __init__(self, head: TokenHead, branches: list[str], settings: SamplerSettings, state_dtype: torch.dtype):
         self.head = head
@@ -39,20 +40,16 @@ class GuidedVelocity:
         self.velocity_norm = settings.velocity_norm
         self.state_dtype = state_dtype
         self.cfg = self.cfg_img = 1.0
-        self.calls = 0
 
     def start_token(self, condition: torch.Tensor, cfg: float | torch.Tensor, cfg_img: float | torch.Tensor) -> None:
         self.head.set_condition(condition)
         self.cfg, self.cfg_img = cfg, cfg_img
-        self.calls = 0
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        step = self.calls
-        self.calls += 1
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, index: int) -> torch.Tensor:
         n = x.shape[0]
         if x.dtype != self.head.dtype:
             x = x.to(self.head.dtype)
-        raw = self.head.velocity(x.expand(self.num_branches, *x.shape).reshape(self.num_branches * n, -1), step)
+        raw = self.head.velocity(x.expand(self.num_branches, *x.shape).reshape(self.num_branches * n, -1), index)
         if raw.dtype != self.state_dtype:
             raw = raw.to(self.state_dtype)
         return guide(raw, self.branches, self.cfg, self.cfg_img, self.velocity_norm)
@@ -67,7 +64,7 @@ def count_noise_draws(sampler: Sampler) -> int:
         draws += 1
         return torch.zeros(1, 1)
 
-    sampler(lambda x, t: torch.zeros_like(x), noise)
+    sampler(lambda x, t, index: torch.zeros_like(x), noise)
     return draws
 
 
