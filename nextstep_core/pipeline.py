@@ -11,7 +11,6 @@ sampled token its initial noise and one draw per stochastic step (given tokens d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from .memory.offload import check_block_swap, enable_block_swap
 from .sampling.given import plan_given
 from .sampling.graphs import graph_mode
 from .sampling.reference_loop import decode_tokens_reference
+from .sampling.result import GenerationResult
 from .sampling.settings import CFG_SCHEDULES, RECOMMENDED_STEPS, SamplerSettings
 from .sampling.token_loop import (
     DecodeRequest,
@@ -56,28 +56,6 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise NextStepError(f"dtype {dtype!r} is not one of float32, bfloat16, float16")
     return DTYPES[dtype]
-
-
-@dataclass
-class GenerationResult:
-    """tokens (images, rows*cols, 64); latents (images, 16, H/8, W/8) in the tokenizer's
-    normalised latent space; images (images, H, W, 3) float in [0, 1] (None if not decoded).
-    Images are ordered prompt-major: image i of prompt p is row p * images_per_prompt + i.
-    given: (rows*cols,) bool in raster order, True where the token was given (keep_rows,
-    region), the same for every image; None when neither keep_rows nor a region was asked for."""
-
-    tokens: torch.Tensor
-    latents: torch.Tensor
-    images: torch.Tensor | None
-    token_grid: tuple[int, int]
-    given: torch.Tensor | None = None
-
-    def to_pil(self) -> list[Image.Image]:
-        if self.images is None:
-            raise ValueError("the images were not decoded (decode=False)")
-        arrays = (self.images.float().cpu().numpy() * 255).round().astype(np.uint8)
-        return [Image.fromarray(a) for a in arrays]
-
 
 
 class NextStepPipeline:
@@ -180,6 +158,8 @@ class NextStepPipeline:
         exact: bool = True,
         compile: bool = False,
         graph: str | bool = "auto",
+        parallel_window: int = 0,
+        head_steps_floor: int | None = None,
     ) -> GenerationResult:
         """Text-to-image, or editing when `image` is given (the prompt holds one `<image>` marker).
 
@@ -209,6 +189,8 @@ class NextStepPipeline:
         graph "auto" (default) captures each token's whole step once as a CUDA graph on a CUDA
         device and replays it for every later token ("on": also on other devices, as a recorded
         replay that checks the step is graph-safe; "off": never; see sampling/graphs.py).
+        parallel_window w > 0: next-set decoding, a row starts once the row above is w tokens
+        ahead (sampling/parallel.py); head_steps_floor: annealed head steps (None: off).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         editing = image is not None
@@ -253,7 +235,8 @@ class NextStepPipeline:
         static_tokens = token_grid[0] * token_grid[1] if static else None
         hidden, cache, mask = self.prefill(rows, image_tokens, static_tokens)
         request = DecodeRequest(rows, token_grid, num_images, len(prompts), cfg, cfg_img, cfg_schedule, settings,
-                                use_norm, generator, callback, given_tokens, given_mask)
+                                use_norm, generator, callback, given_tokens, given_mask, parallel_window,
+                                head_steps_floor)
         with cpu_threads(1 if runs_best_on_one_thread(self.model, self.device) else None):  # small models, CPU
             if loop == "reference":
                 tokens = decode_tokens_reference(self.model, self.version, hidden, cache, mask, request)
@@ -265,7 +248,8 @@ class NextStepPipeline:
         if decode:
             pixels_out = self.image_tokenizer.decode(latents.to(self.dtype))
             images = ((pixels_out.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
-        return GenerationResult(tokens, latents, images, token_grid, given_mask)
+        return GenerationResult(tokens, latents, images, token_grid, given_mask, request.forward_passes,
+                                request.head_evaluations)
 
     def image_input(self, image: ImageInput, what: str) -> torch.Tensor | LatentImage:
         """An image argument as pixels (1, 3, H, W) in [-1, 1], or the LatentImage checked against
