@@ -282,3 +282,21 @@ def test_bad_options_name_themselves(pipe_1_0, pipe_1_1):
         pipe_1_1.generate("a", head_steps_floor=5, **kw)
     with pytest.raises(NextStepError, match="parallel_window and head_steps_floor need loop 'fast'"):
         pipe_1_1.generate("a", parallel_window=1, loop="reference", **kw)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_cuda_capture_path_one_graph_per_pass_shape_with_torch_cuda_faked(pipe_1_0, monkeypatch, fail):
+    """capture_cuda_graph per pass shape (tests/test_graphs.py fakes torch.cuda on the CPU): the
+    warm-up, capture and replays (or, when a capture fails, the eager passes) give the eager
+    tokens; one graph per distinct (queries, head batches) shape, here 1 to 3 queries."""
+    import nextstep_core.pipeline as pipeline_module
+    from test_graphs import fake_cuda_graphs
+
+    kw = dict(T2I, exact=False, parallel_window=1)
+    eager = pipe_1_0.generate(PROMPTS, graph="off", **kw).tokens
+    monkeypatch.setattr(pipeline_module, "graph_mode", lambda *args, **kwargs: "cuda")
+    graphs = fake_cuda_graphs(monkeypatch, fail)
+    graphed = pipe_1_0.generate(PROMPTS, **kw).tokens
+    assert torch.equal(eager, graphed)
+    shapes = {(len(p.queries), len(p.sampled)) for p in plan_passes((3, 4), 1, [False] * 12)}
+    assert len(graphs.made) == len(shapes) == 4  # (queries, sampled): (2, 2), (3, 3) twice, (3, 2), (2, 1)
