@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_14b  # noqa: E402
+import gpu_check_parallel  # noqa: E402 - next-set decoding's part (issue 25)
 from gpu_check_tools import CaptureFailures, Window, error_text, free_memory, max_abs  # noqa: E402
 from memory import write_shapes_only  # noqa: E402
 
@@ -349,6 +350,7 @@ class Check:
             free_memory()
             self.report["seconds"][f"part_{part}"] = round(time.perf_counter() - started, 2)
             self.write()
+        self.guarded(self.report, "parallel_decoding", lambda: gpu_check_parallel.measure(self.device, self.dry))
         self.log(f"all done in {self.elapsed():.1f}s -> {self.out}")
         return self.report
 

@@ -289,8 +289,9 @@ def test_cuda_capture_path_one_graph_per_pass_shape_with_torch_cuda_faked(pipe_1
     """capture_cuda_graph per pass shape (tests/test_graphs.py fakes torch.cuda on the CPU): the
     warm-up, capture and replays (or, when a capture fails, the eager passes) give the eager
     tokens; one graph per distinct (queries, head batches) shape, here 1 to 3 queries."""
-    import nextstep_core.pipeline as pipeline_module
     from test_graphs import fake_cuda_graphs
+
+    import nextstep_core.pipeline as pipeline_module
 
     kw = dict(T2I, exact=False, parallel_window=1)
     eager = pipe_1_0.generate(PROMPTS, graph="off", **kw).tokens
