@@ -9,6 +9,8 @@ in quality on the demo model, and what they can save at the 14B decoder's layer 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/parallel_decoding.py passes --layers 2 \
         --out benchmarks/parallel_passes.json
     .venv/bin/python benchmarks/parallel_decoding.py passes --small        # the same code, tiny shapes
+    .venv/bin/python benchmarks/parallel_decoding.py smoke                 # 256x256 demo: runs, passes as predicted
+    .venv/bin/python benchmarks/parallel_decoding.py picture               # docs/images/parallel_windows.png
 
 (a) For each size (64, 96, 128, 128x64) and seed: the free-phrased held-out captions
 (demo/evaluate.py free_phrased_captions) and the held-out scenes' own captions, drawn at
@@ -92,7 +94,7 @@ def draw(pipe, prompts: list[str], size, seed: int, options: dict, batch: int):
             result = pipe.generate(prompts[i:i + batch], width=size[0], height=size[1], seed=seed + i, **options)
             images += result.to_pil()
             passes.append(result.forward_passes / tokens)
-            evaluations.append(result.head_evaluations / (tokens * len(prompts[i:i + batch])))
+            evaluations.append(result.head_evaluations / tokens)  # per raster position, for all images at once
     finally:
         parallel.ROW_START = previous
     return images, float(np.mean(passes)), float(np.mean(evaluations))
@@ -135,6 +137,33 @@ def scores(pipe, *, count: int, seeds: list[int], sizes=SIZES, floor: int | None
             print(f"{size[0]}x{size[1]} {name}: {json.dumps(rows[name])}", file=sys.stderr, flush=True)
         out["sizes"][f"{size[0]}x{size[1]}"] = rows
     return out
+
+
+def smoke(pipe, size: int = 256, windows=(1, 2, 4)) -> dict:
+    """The demo model at size² (16 tokens wide at 256²): each window runs, with the passes predicted."""
+    from nextstep_core.sampling.parallel_schedule import predicted_forward_passes
+
+    grid = (size // PIXELS_PER_TOKEN, size // PIXELS_PER_TOKEN)
+    out = {}
+    for w in windows:
+        result = pipe.generate("a red circle on the left", width=size, height=size, seed=0, parallel_window=w)
+        out[f"w{w}"] = {"forward_passes": result.forward_passes,
+                        "predicted": predicted_forward_passes(grid, w),
+                        "finite": bool(torch.isfinite(result.tokens).all())}
+    return out
+
+
+def picture(pipe, path: str, *, count: int = 4, size=(128, 128), seed: int = 0) -> dict:
+    """A grid: one row per held-out free-phrased caption, one column per configuration
+    (sequential, w 1-4, annealed), the same seed everywhere."""
+    from nextstep_core.demo.evaluate import free_phrased_captions, sample_grid
+
+    captions = [p[1] for p in free_phrased_captions(count, size)]
+    columns = {"w0": {}, **{f"w{w}": dict(parallel_window=w) for w in (1, 2, 3, 4)},
+               "anneal": dict(head_steps_floor=max(2, pipe.sampler_settings().steps // 3))}
+    images = {name: draw(pipe, captions, size, seed, options, count)[0] for name, options in columns.items()}
+    sample_grid([images[name][i] for i in range(count) for name in columns], columns=len(columns)).save(path)
+    return {"picture": path, "columns": list(columns), "captions": captions, "seed": seed, "size": list(size)}
 
 
 # --- (b) decoder passes at the 14B layer shapes --------------------------------------------------
@@ -240,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--configs", help="comma-separated subset of " + ",".join(configurations(2)))
     a.add_argument("--floor", type=int, help="head_steps_floor of the annealed runs (default steps // 3)")
     a.add_argument("--batch", type=int, default=12)
+    c = sub.add_parser("smoke", help="the demo model at 256x256 with w = 1, 2, 4: runs, passes as predicted")
+    c.add_argument("--size", type=int, default=256)
+    d = sub.add_parser("picture", help="a picture grid: captions x (sequential, w 1-4, annealed), same seed")
+    d.add_argument("--path", default="docs/images/parallel_windows.png")
+    d.add_argument("--count", type=int, default=4)
     b = sub.add_parser("passes", help="(b) decoder pass time vs tokens per pass at the 14B layer shapes")
     b.add_argument("--layers", type=int, default=2)
     b.add_argument("--small", action="store_true", help="tiny shapes (a check of the script)")
@@ -247,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--context", type=int, default=1088, help="filled slots before the pass (prompt + image)")
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--device", default="cpu")
-    for p in (a, b):
+    for p in (a, b, c, d):
         p.add_argument("--out", help="JSON file to write")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -258,6 +292,14 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
         report = scores(pipe, count=args.count, seeds=[int(s) for s in args.seeds.split(",")], sizes=sizes,
                         floor=args.floor, batch=args.batch, configs=args.configs.split(",") if args.configs else None)
+    elif args.part == "picture":
+        from nextstep_core import DEMO_MODEL, NextStepPipeline
+
+        report = picture(NextStepPipeline.from_folder(DEMO_MODEL), args.path, count=args.count)
+    elif args.part == "smoke":
+        from nextstep_core import DEMO_MODEL, NextStepPipeline
+
+        report = {"smoke": smoke(NextStepPipeline.from_folder(DEMO_MODEL), args.size)}
     else:
         report = passes(layers=args.layers, small=args.small, dtype=args.dtype, context=args.context,
                         repeats=args.repeats, device=args.device)
