@@ -20,7 +20,9 @@ token (GenerationResult.forward_passes / tokens), head evaluations per token, an
 seam statistic: the share of off-palette pixels (demo/checker.py palette_labels -1) in the
 column-0 token cells of rows 1.. (where next-set decoding starts a row before the row above is
 done) over the same share in the other cells of rows 1.. (1.0: no seam; sequential is the
-baseline).
+baseline); and, when w0 runs first, changed_column0 / changed_other: the share of pixels whose
+palette label differs from the sequential image of the same caption and seed, in the same two
+bands (palette-coloured errors count here, not in the first statistic).
 
 (b) A Qwen2 decoder with the 14B layer shapes (hidden 5120, 40 query / 8 key-value heads, MLP
 13824; --layers of them, random weights), rows = 2 (text guidance), a slot KV cache of
@@ -81,6 +83,18 @@ def seam_rates(image, size: tuple[int, int]) -> tuple[float, float]:
     return float(below[:, :p].mean()) if below.size else 0.0, float(below[:, p:].mean()) if below.size else 0.0
 
 
+def changed_rates(image, sequential, size: tuple[int, int]) -> tuple[float, float]:
+    """(share of pixels whose palette label differs from the sequential image's of the same
+    caption and seed, in the column-0 cells of rows 1..; the same in the other cells of rows 1..).
+    Palette-coloured errors count too, which seam_rates cannot see."""
+    from nextstep_core.demo.checker import as_pixels, palette_labels
+
+    changed = palette_labels(as_pixels(image)) != palette_labels(as_pixels(sequential))
+    p = PIXELS_PER_TOKEN
+    below = changed[p:]
+    return (float(below[:, :p].mean()), float(below[:, p:].mean())) if below.size else (0.0, 0.0)
+
+
 def draw(pipe, prompts: list[str], size, seed: int, options: dict, batch: int):
     """Images, forward passes and head evaluations of `prompts` at one size, `batch` per call."""
     import nextstep_core.sampling.parallel as parallel
@@ -113,20 +127,25 @@ def scores(pipe, *, count: int, seeds: list[int], sizes=SIZES, floor: int | None
     for size in sizes:
         free = free_phrased_captions(count, size)
         scenes = held_out_scenes(count, size)
-        rows = {}
+        rows, sequential = {}, {}
         for name, options in chosen.items():
             free_scores, scene_scores, column0, others, passes, evaluations = [], [], [], [], [], []
+            changed = []
             for seed in seeds:
                 images, per_token, heads = draw(pipe, [p[1] for p in free], size, seed, options, batch)
                 free_scores += [score_specs(im, p[2], p[3]) for im, p in zip(images, free)]
                 passes.append(per_token)
                 evaluations.append(heads)
-                seam = [seam_rates(im, size) for im in images]
-                images, _, _ = draw(pipe, [caption(s) for s in scenes], size, seed, options, batch)
-                scene_scores += [score(im, caption(s)) for im, s in zip(images, scenes)]
-                seam += [seam_rates(im, size) for im in images]
+                scene_images, _, _ = draw(pipe, [caption(s) for s in scenes], size, seed, options, batch)
+                scene_scores += [score(im, caption(s)) for im, s in zip(scene_images, scenes)]
+                seam = [seam_rates(im, size) for im in images + scene_images]
                 column0 += [a for a, _ in seam]
                 others += [b for _, b in seam]
+                if name == "w0":
+                    sequential[seed] = images + scene_images
+                if seed in sequential:
+                    changed += [changed_rates(im, base, size) for im, base in
+                                zip(images + scene_images, sequential[seed])]
             rows[name] = {
                 "free_score": float(np.mean(free_scores)), "scene_score": float(np.mean(scene_scores)),
                 "forward_passes_per_token": float(np.mean(passes)),
@@ -134,6 +153,9 @@ def scores(pipe, *, count: int, seeds: list[int], sizes=SIZES, floor: int | None
                 "off_palette_column0": float(np.mean(column0)), "off_palette_other": float(np.mean(others)),
                 "seam_ratio": float(np.mean(column0) / max(np.mean(others), 1e-9)),
             }
+            if changed:  # against sequential (w0 first): where the image moved, by column band
+                rows[name].update(changed_column0=float(np.mean([a for a, _ in changed])),
+                                  changed_other=float(np.mean([b for _, b in changed])))
             print(f"{size[0]}x{size[1]} {name}: {json.dumps(rows[name])}", file=sys.stderr, flush=True)
         out["sizes"][f"{size[0]}x{size[1]}"] = rows
     return out

@@ -34,3 +34,11 @@ def test_seam_statistic_counts_off_palette_pixels_by_column():
     pixels[16:, :16] = (128, 77, 200)  # off-palette in the column-0 cells of rows 1..2
     column0, other = parallel_decoding.seam_rates(Image.fromarray(pixels), (64, 48))
     assert (column0, other) == (1.0, 0.0)
+
+
+def test_changed_statistic_compares_palette_labels_by_column():
+    sequential = np.full((48, 64, 3), 255, dtype=np.uint8)
+    moved = sequential.copy()
+    moved[16:32, :16] = (0, 0, 255)  # a palette colour (blue) in one column-0 cell of row 1
+    column0, other = parallel_decoding.changed_rates(Image.fromarray(moved), Image.fromarray(sequential), (64, 48))
+    assert (column0, other) == (0.5, 0.0)  # one of the two column-0 cells of rows 1..2
