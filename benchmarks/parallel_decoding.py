@@ -67,6 +67,8 @@ def configurations(floor: int) -> dict[str, dict]:
     configs = {f"w{w}": dict(parallel_window=w) for w in WINDOWS}
     for w in (1, 2):
         configs[f"w{w}_masked"] = dict(parallel_window=w, row_start="masked")
+    for w in (2, 3, 4):
+        configs[f"w{w}_above"] = dict(parallel_window=w, row_start="above")
     configs["anneal"] = dict(head_steps_floor=floor)
     configs["w2_anneal"] = dict(parallel_window=2, head_steps_floor=floor)
     return configs

@@ -87,7 +87,7 @@ def context(slot: int, cols: int, window: int) -> set[int]:
 
 
 @pytest.mark.parametrize("grid", [(3, 4), (4, 3), (2, 5), (5, 1), (1, 4), (6, 6)])
-@pytest.mark.parametrize("row_start", ["copy", "masked"])
+@pytest.mark.parametrize("row_start", ["copy", "above", "masked"])
 def test_masks_passes_and_feeds_follow_the_closed_form(grid, row_start):
     rows, cols = grid
     n = rows * cols
@@ -102,7 +102,7 @@ def test_masks_passes_and_feeds_follow_the_closed_form(grid, row_start):
             for query, seen in zip(plan.queries, visible):
                 if query.sample is not None:
                     want = context(query.sample, cols, w) | ({query.slot} if query.placeholder and
-                                                             row_start == "copy" else set())
+                                                             row_start != "masked" else set())
                     assert set(seen.nonzero().flatten().tolist()) == want, (window, plan.step, query)
                     assert query.slot == query.sample - 1
                 if not query.placeholder:
@@ -129,8 +129,9 @@ def oracle_tokens(pipe, prompts, kw, window, row_start):
     """Every token from scratch: for slot s, one decoder forward (over the prefill's cache, copied)
     of every earlier token at its raster position, each seeing the earlier slots decided no
     later than itself, and then s's query (the real token s - 1, or at a row start before the
-    row above is done the placeholder: a copy of the row above's newest token seeing itself,
-    or a zero input that does not), seeing the slots decided before step t(s)."""
+    row above is done the placeholder: a copy of the row above's newest token or of the token
+    right above seeing itself, or a zero input that does not), seeing the slots decided before
+    step t(s)."""
     model, version = pipe.model, pipe.version
     cols, rows = kw["width"] // 16, kw["height"] // 16
     n, w = rows * cols, effective_window(window, cols)
@@ -157,7 +158,8 @@ def oracle_tokens(pipe, prompts, kw, window, row_start):
             inputs = [tokens[:, k] for k in range(s - 1)]
             if placeholder:
                 newest = (s // cols - 1) * cols + step[s] - 1 - (s // cols - 1) * w
-                inputs.append(tokens[:, newest] if row_start == "copy" else torch.zeros_like(tokens[:, 0]))
+                source = {"copy": newest, "above": s - cols, "masked": None}[row_start]
+                inputs.append(torch.zeros_like(tokens[:, 0]) if source is None else tokens[:, source])
             else:
                 inputs.append(tokens[:, s - 1])
             q = len(inputs)
@@ -167,7 +169,7 @@ def oracle_tokens(pipe, prompts, kw, window, row_start):
             for i in range(q):
                 for j in range(q):
                     if i == q - 1 and placeholder:
-                        mask[:, 0, i, length + j] = step[j] < step[s] or (j == i and row_start == "copy")
+                        mask[:, 0, i, length + j] = step[j] < step[s] or (j == i and row_start != "masked")
                     else:
                         mask[:, 0, i, length + j] = j <= i and step[j] <= step[i]
             positions = (length + torch.arange(q)).expand(prompt_mask.shape[0], -1)
@@ -183,7 +185,7 @@ def oracle_tokens(pipe, prompts, kw, window, row_start):
 
 @pytest.mark.parametrize("pipe_name", ["pipe_1_0", "pipe_1_1"])
 @pytest.mark.parametrize("window", [1, 2, 3])
-@pytest.mark.parametrize("row_start", ["copy", "masked"])
+@pytest.mark.parametrize("row_start", ["copy", "above", "masked"])
 def test_rows_in_parallel_equal_the_from_scratch_oracle_in_float64(pipe_name, window, row_start, request,
                                                                    monkeypatch):
     pipe = request.getfixturevalue(pipe_name)

@@ -13,9 +13,9 @@ query per pass, the sequential order.
   every slot filled at or before its own slot, in this pass or earlier; slots not written yet
   are masked explicitly (their keys are zeros, and a zero key is not -inf).
 - Row starts: ROW_START ("copy", as ZipAR: the row above's newest token at the slot before the
-  row, seen by that query only) or "masked" (a zero input whose own slot stays masked); see
-  parallel_schedule.py. "copy" is the default; the benchmark measures both
-  (benchmarks/parallel_decoding.py).
+  row, seen by that query only; "above": the token right above the row's first instead; or
+  "masked": a zero input whose own slot stays masked); see parallel_schedule.py. "copy" is the
+  default; benchmarks/parallel_decoding.py measures them.
 - RNG order: the noise of every sampled token is drawn from the run's generator in raster
   order, the same blocks in the same order as sequential decoding (its initial noise, then one
   draw per stochastic step; given tokens draw nothing), whatever the pass that samples it. So

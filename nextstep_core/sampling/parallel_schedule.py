@@ -25,10 +25,11 @@ it writes its key/value into that slot of the cache):
 - for (r, 0), r >= 1, when (r - 1, W - 1) is decided already (w = W): feeds that token at slot
   r W - 1, as sequential decoding does;
 - otherwise (w < W) a row-start placeholder at slot r W - 1, which the real token (r - 1, W - 1)
-  has not reached yet. ROW_STARTS names the two ways to feed it (parallel.py): "copy", the row
-  above's newest token (the one its own query feeds in the same pass, as ZipAR does), visible
-  to the placeholder itself only; "masked", a zero input whose own slot stays masked. Either
-  way the slot counts as unfilled for every other query until the real token is written;
+  has not reached yet. ROW_STARTS names the ways to feed it (parallel.py): "copy", the row
+  above's newest token (the one its own query feeds in the same pass, as ZipAR does), or
+  "above", the token right above the new row's first, (r - 1, 0), each visible to the
+  placeholder itself only; "masked", a zero input whose own slot stays masked. In every case
+  the slot counts as unfilled for every other query until the real token is written;
 - a fill query in the pass after a row's last token (r, W - 1) is decided (w < W), writing it
   into slot (r + 1) W - 1; it samples nothing.
 A given token (sampling/given.py) is decided at its step like any other, without a head; its
@@ -44,7 +45,7 @@ import torch
 
 from ..errors import NextStepError
 
-ROW_STARTS = ("copy", "masked")
+ROW_STARTS = ("copy", "above", "masked")
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,8 @@ def plan_passes(token_grid: tuple[int, int], window: int, given: list[bool], row
                 elif decision_step(slot - 1, cols, w) < step:  # w = W: the real token is there
                     queries.append(Query(slot - 1, slot - 1, sample))
                 elif sample is not None:
-                    source = (r - 1) * cols + (step - 1 - (r - 1) * w) if row_start == "copy" else None
+                    source = {"copy": (r - 1) * cols + (step - 1 - (r - 1) * w), "above": (r - 1) * cols,
+                              "masked": None}[row_start]
                     queries.append(Query(slot - 1, source, sample, placeholder=True))
             if r + 1 < rows and c == cols and w < cols:  # fill: row r's last token, decided last step
                 end = r * cols + cols - 1
@@ -125,12 +127,13 @@ def pass_visibility(filled: torch.Tensor, queries: tuple[Query, ...],
                     row_start: str = "copy") -> tuple[torch.Tensor, torch.Tensor]:
     """filled (N,) bool: slots holding a real token before the pass -> (filled after the pass,
     visible (queries, N) bool): query j sees the filled slots at or before its own slot (filled
-    in this pass or earlier); a "copy" placeholder also sees its own slot, which stays unfilled."""
+    in this pass or earlier); a placeholder but a "masked" one also sees its own slot, which
+    stays unfilled."""
     after = filled.clone()
     after[[q.slot for q in queries if not q.placeholder]] = True
     slots = torch.tensor([q.slot for q in queries])
     visible = after[None] & (torch.arange(len(filled))[None] <= slots[:, None])
-    if row_start == "copy":
+    if row_start != "masked":
         for i, q in enumerate(queries):
             if q.placeholder:
                 visible[i, q.slot] = True
