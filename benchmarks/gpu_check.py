@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_14b  # noqa: E402
 import gpu_check_comfy  # noqa: E402
+import gpu_check_parallel  # noqa: E402 - next-set decoding's part (issue 25)
 from gpu_check_tools import CaptureFailures, Window, error_text, free_memory, max_abs  # noqa: E402
 from memory import write_shapes_only  # noqa: E402
 
@@ -47,7 +48,7 @@ from nextstep_core.memory.plan import GIB, Request, choose_plan  # noqa: E402
 from nextstep_core.pipeline import GenerationInterrupted, NextStepPipeline  # noqa: E402
 from nextstep_core.sampling.graphs import graph_mode  # noqa: E402
 
-PARTS = ("bandwidth", "tiny", "captions", "shapes", "comfy")
+PARTS = ("bandwidth", "tiny", "captions", "shapes", "comfy", "parallel")
 CONFIGS = {  # name -> (precision, sampler, steps, block swap from the planner)
     "bf16_sde28": ("bf16", "sde", 28, False),
     "bf16_dpm2m8": ("bf16", "dpm2m", 8, False),
@@ -333,12 +334,11 @@ class Check:
         self.log(f"device {self.report['device']}, torch {torch.__version__}, parts {','.join(parts)}, "
                  f"out {self.out}")
         self.write()
-        steps = {"bandwidth": lambda: self.guarded(self.report, "read_bandwidth_gb_s", self.bandwidth),
-                 "tiny": self.tiny,
-                 "captions": lambda: self.guarded(self.report["correctness"], "fp8_vs_bf16_caption_score",
-                                                  self.captions),
-                 "shapes": self.shapes,
-                 "comfy": lambda: self.guarded(self.report, "comfy", lambda: gpu_check_comfy.check(self.dry))}
+        guarded, report, device, dry = self.guarded, self.report, self.device, self.dry
+        steps = {"bandwidth": lambda: guarded(report, "read_bandwidth_gb_s", self.bandwidth), "tiny": self.tiny,
+                 "captions": lambda: guarded(report["correctness"], "fp8_vs_bf16_caption_score", self.captions),
+                 "shapes": self.shapes, "comfy": lambda: guarded(report, "comfy", lambda: gpu_check_comfy.check(dry)),
+                 "parallel": lambda: guarded(report, "parallel_decoding", lambda: gpu_check_parallel.measure(device, dry))}
         for part in PARTS:
             if part not in parts:
                 continue

@@ -11,12 +11,9 @@ sampled token its initial noise and one draw per stochastic step (given tokens d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from transformers import DynamicCache, PreTrainedTokenizerBase, StaticCache
 
 from .checks import check_device, image_to_pixels
@@ -32,6 +29,7 @@ from .request import ImageInput, ModelFacts, Request, Resolved, image_input, inp
 from .sampling.compiled import compile_failures_named
 from .sampling.graphs import graph_mode
 from .sampling.reference_loop import decode_tokens_reference
+from .sampling.result import GenerationResult
 from .sampling.settings import SamplerSettings
 from .sampling.token_loop import (
     DecodeRequest,
@@ -45,28 +43,6 @@ from .sampling.token_loop import (
 LOOPS = ("fast", "reference")
 __all__ = ["NextStepPipeline", "GenerationResult", "GenerationInterrupted", "LatentImage", "ProgressCallback", "LOOPS",
            "Request", "image_to_pixels"]
-
-
-@dataclass
-class GenerationResult:
-    """tokens (images, rows*cols, 64); latents (images, 16, H/8, W/8) in the tokenizer's
-    normalised latent space; images (images, H, W, 3) float in [0, 1] (None if not decoded).
-    Images are ordered prompt-major: image i of prompt p is row p * images_per_prompt + i.
-    given: (rows*cols,) bool in raster order, True where the token was given (keep_rows,
-    region), the same for every image; None when neither keep_rows nor a region was asked for."""
-
-    tokens: torch.Tensor
-    latents: torch.Tensor
-    images: torch.Tensor | None
-    token_grid: tuple[int, int]
-    given: torch.Tensor | None = None
-
-    def to_pil(self) -> list[Image.Image]:
-        if self.images is None:
-            raise ValueError("the images were not decoded (decode=False)")
-        arrays = (self.images.float().cpu().numpy() * 255).round().astype(np.uint8)
-        return [Image.fromarray(a) for a in arrays]
-
 
 
 class NextStepPipeline:
@@ -191,7 +167,8 @@ class NextStepPipeline:
         request = DecodeRequest(rows=rows, token_grid=token_grid, num_images=r.num_images, num_prompts=len(r.prompts),
                                 cfg=r.cfg, cfg_img=r.cfg_img, cfg_schedule=r.schedule, settings=r.settings,
                                 use_norm=r.use_norm, generator=generator, callback=callback,
-                                given_tokens=given_tokens, given_mask=r.given_mask, **parallel_options(r))
+                                given_tokens=given_tokens, given_mask=r.given_mask, parallel_window=r.parallel_window,
+                                head_steps_floor=r.head_steps_floor)
         with cpu_threads(1 if runs_best_on_one_thread(self.model, self.device) else None), \
                 compile_failures_named(compile):  # small models run on one CPU thread; compile warms in here
             if loop == "reference":
@@ -204,7 +181,8 @@ class NextStepPipeline:
         if decode:
             pixels_out = self.image_tokenizer.decode(latents.to(self.dtype))
             images = ((pixels_out.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
-        return GenerationResult(tokens, latents, images, token_grid, r.given_mask)
+        return GenerationResult(tokens, latents, images, token_grid, r.given_mask, request.forward_passes,
+                                request.head_evaluations)
 
     def image_input(self, image: ImageInput, what: str) -> torch.Tensor | LatentImage:
         """An image argument as pixels (1, 3, H, W) in [-1, 1], or the LatentImage checked against
@@ -268,17 +246,6 @@ class NextStepPipeline:
         out = self.model.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                   cache=cache, use_cache=True)
         return out.last_hidden_state[:, -1], cache, mask
-
-
-def parallel_options(r: Resolved) -> dict:
-    """The several-tokens-per-pass options for DecodeRequest, passed only when asked for, so this
-    works with a token loop that does not have them yet."""
-    options = {}
-    if r.parallel_window:
-        options["parallel_window"] = r.parallel_window
-    if r.head_steps_floor is not None:
-        options["head_steps_floor"] = r.head_steps_floor
-    return options
 
 
 def check_vae_channels(config: NextStepConfig, image_tokenizer: ImageTokenizer, vae_folder: str | Path) -> None:

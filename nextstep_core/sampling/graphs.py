@@ -181,3 +181,21 @@ class GraphedStep:
             return self.step(token)
         self.token_in.copy_(token)
         return self.replay()
+
+
+class KeyedGraphs:
+    """One capture per key (next-set decoding: per pass shape, sampling/parallel.py): the first
+    call with a key captures `fn` (which reads only buffers kept for that key) and returns that
+    real run's output; later calls with the key replay it. A key whose CUDA capture failed runs
+    eagerly from then on."""
+
+    def __init__(self, mode: str):
+        self.capture = CAPTURES[mode]
+        self.replays: dict[object, Callable[[], torch.Tensor] | None] = {}
+
+    def __call__(self, key, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key not in self.replays:
+            first, self.replays[key] = self.capture(fn)
+            return first
+        replay = self.replays[key]
+        return fn() if replay is None else replay()

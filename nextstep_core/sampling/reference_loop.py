@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import NextStepError
 from .guidance import check_branches, guidance_scales, guide
 from .samplers import normalize_token, prepare_sampler
 from .settings import NoiseFn, Sampler
@@ -46,8 +47,11 @@ def sample_token(net, condition: torch.Tensor, *, branches: list[str], cfg: floa
 @torch.no_grad()
 def decode_tokens_reference(model, version, hidden: torch.Tensor, cache, mask: torch.Tensor,
                             request: DecodeRequest) -> torch.Tensor:
-    """hidden (rows, hidden): the prefill's last hidden state; returns (images, num_tokens, token_dim)."""
+    """hidden (rows, hidden): the prefill's last hidden state; returns (images, num_tokens, token_dim).
+    Sequential only: next-set decoding and annealed head steps are the fast loop's."""
     check_branches(request.branches)
+    if request.next_set:
+        raise NextStepError("parallel_window and head_steps_floor need loop 'fast'; the reference loop is sequential")
     dtype = model.image_in_projector.weight.dtype
     device = hidden.device
     token_dim = model.config.token_dim
@@ -78,4 +82,5 @@ def decode_tokens_reference(model, version, hidden: torch.Tensor, cache, mask: t
         out = model.backbone(inputs_embeds=embed, attention_mask=mask, position_ids=position,
                              cache=cache, use_cache=True)
         hidden = out.last_hidden_state[:, -1]
+    request.count_sequential(sampler.head_evaluations)
     return tokens

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +25,8 @@ from ..engine.prompt import PromptRows
 from ..errors import NextStepError
 from .given import GivenFeed
 from .graphs import GraphedStep
+from .parallel import decode_tokens_parallel
+from .parallel_schedule import check_schedule_options
 from .settings import SamplerSettings
 from .token_step import TokenStep
 
@@ -45,6 +47,10 @@ class DecodeRequest:
     given_tokens (num_tokens, token_dim) or (images, num_tokens, token_dim) and given_mask
     (num_tokens,) bool: positions whose token is given (sampling/given.py; None: none). The
     `linear` cfg schedule keeps k = the position index whether or not earlier ones were given.
+    parallel_window: next-set decoding's window w (sampling/parallel.py; 0: one token per
+    pass). head_steps_floor: annealed head steps down to this floor (None: off). Both need the
+    fast loop. The loops set forward_passes (decoder passes after the prefill) and
+    head_evaluations (per-token flow-head evaluations summed over the sampled tokens).
     """
 
     rows: PromptRows
@@ -60,6 +66,31 @@ class DecodeRequest:
     callback: ProgressCallback | None = None
     given_tokens: torch.Tensor | None = None
     given_mask: torch.Tensor | None = None
+    parallel_window: int = 0
+    head_steps_floor: int | None = None
+    forward_passes: int = field(default=0, init=False)
+    head_evaluations: int = field(default=0, init=False)
+
+    def __post_init__(self):
+        check_schedule_options(self.parallel_window, self.head_steps_floor, self.settings.steps, self.settings.name)
+
+    @property
+    def next_set(self) -> bool:
+        """Whether the generation runs sampling/parallel.py (a window or annealed head steps)."""
+        return self.parallel_window > 0 or self.head_steps_floor is not None
+
+    def report(self, tokens: torch.Tensor, done: int) -> None:
+        """Progress: `done` tokens decided, `tokens` (images, <= done, D) the decided raster
+        prefix; raises GenerationInterrupted when the callback returns False."""
+        if self.callback is not None and self.callback(done, self.num_tokens, tokens) is False:
+            raise GenerationInterrupted(f"stopped after {done} of {self.num_tokens} tokens")
+
+    def count_sequential(self, evaluations_per_token: int) -> None:
+        """forward_passes and head_evaluations of a sequential loop: N - 1 feeds, and the
+        sampler's evaluations for every token not given."""
+        sampled = self.num_tokens - (0 if self.given_mask is None else int(self.given_mask.sum()))
+        self.forward_passes = self.num_tokens - 1
+        self.head_evaluations = sampled * evaluations_per_token
 
     def given_feed(self, dtype: torch.dtype, device) -> GivenFeed:
         return GivenFeed(self.given_tokens, self.given_mask, self.images, self.num_tokens, dtype, device)
@@ -111,8 +142,7 @@ class NoiseStream:
 
 
 def report_progress(request: DecodeRequest, tokens: torch.Tensor, done: int) -> None:
-    if request.callback is not None and request.callback(done, request.num_tokens, tokens[:, :done]) is False:
-        raise GenerationInterrupted(f"stopped after {done} of {request.num_tokens} tokens")
+    request.report(tokens[:, :done], done)
 
 
 def compile_head(head: TokenHead, device: torch.device) -> None:
@@ -166,11 +196,17 @@ def decode_tokens(model, version, hidden: torch.Tensor, cache, mask: torch.Tenso
     Given positions (request.given_mask): no head, no noise drawn; for k >= 1 the step's feed
     part alone runs (eagerly, also in graph mode: it writes the same cache and buffers the
     captured step reads), and the given token is the output and the next token fed.
+
+    request.parallel_window > 0 or request.head_steps_floor: sampling/parallel.py decodes
+    (next-set decoding, annealed head steps); otherwise this loop, unchanged.
     """
     dtype = model.image_in_projector.weight.dtype
     device = hidden.device
     state_dtype = torch.float32 if version.noise_in_float32 else dtype
     noise = NoiseStream(request, model.config.token_dim, state_dtype, device, version.shared_noise_across_prompts)
+    if request.next_set:
+        return decode_tokens_parallel(model, version, hidden, cache, mask, request, noise, exact=exact,
+                                      compile=compile_head if compile else None, graph=graph)
     step = TokenStep(model, version, request, cache, mask, noise, exact=exact)
     if compile:
         compile_head(step.velocity.head, device)
@@ -192,4 +228,5 @@ def decode_tokens(model, version, hidden: torch.Tensor, cache, mask: torch.Tenso
             token = run(token)
         tokens[:, k] = token
         report_progress(request, tokens, k + 1)
+    request.count_sequential(step.sampler.head_evaluations)
     return tokens
