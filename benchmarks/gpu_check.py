@@ -338,7 +338,8 @@ class Check:
         steps = {"bandwidth": lambda: guarded(report, "read_bandwidth_gb_s", self.bandwidth), "tiny": self.tiny,
                  "captions": lambda: guarded(report["correctness"], "fp8_vs_bf16_caption_score", self.captions),
                  "shapes": self.shapes, "comfy": lambda: guarded(report, "comfy", lambda: gpu_check_comfy.check(dry)),
-                 "parallel": lambda: guarded(report, "parallel_decoding", lambda: gpu_check_parallel.measure(device, dry))}
+                 "parallel": lambda: guarded(report, "parallel_decoding",
+                                             lambda: gpu_check_parallel.measure(device, dry))}
         for part in PARTS:
             if part not in parts:
                 continue
