@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--use-norm", action=argparse.BooleanOptionalAction, default=None,
                      help="layer-normalise each token (default: on for 1.0, off for 1.1)")
     gen.add_argument("--velocity-norm", action="store_true", help="clamp the guided velocity's norm (1.1 option)")
+    gen.add_argument("--parallel-window", type=int, default=0, metavar="W",
+                     help="several tokens per decoder pass: a token row starts once the row above is W tokens "
+                          "ahead (0: one token per pass, the default; docs/parallel-decoding.md)")
+    gen.add_argument("--head-steps-floor", type=int, metavar="N",
+                     help="annealed head steps: later tokens take fewer flow steps, down to N for the last")
     gen.add_argument("--image", help="input image for editing")
     gen.add_argument("--reference", help="image whose tokens are kept, for --keep-rows and --region (the output "
                      "takes its size)")
@@ -101,7 +106,8 @@ def cli_request(args, model) -> Request:
     return Request(
         negative=args.negative, positive=args.positive, image=image,
         sampling=Sampling(sampler=args.sampler, steps=args.steps, shift=args.shift, noise_level=args.noise_level,
-                          velocity_norm=args.velocity_norm, use_norm=args.use_norm),
+                          velocity_norm=args.velocity_norm, use_norm=args.use_norm,
+                          parallel_window=args.parallel_window, head_steps_floor=args.head_steps_floor),
         guidance=Guidance(cfg=args.cfg, cfg_img=args.cfg_img, schedule=args.cfg_schedule),
         given=Given(reference=reference, keep_rows=args.keep_rows, region=region, grow=args.grow),
         output=Output(size=(width, height), num_images=args.num_images, seed=args.seed),

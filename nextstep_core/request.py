@@ -31,6 +31,7 @@ from .engine.checkpoint import ModelFiles, NextStepConfig, VersionSettings
 from .engine.latents import LatentImage
 from .errors import NextStepError
 from .sampling.given import plan_given
+from .sampling.parallel_schedule import check_schedule_options
 from .sampling.settings import CFG_SCHEDULES, RECOMMENDED_STEPS, SamplerSettings
 
 ImageInput = Image.Image | torch.Tensor | LatentImage
@@ -251,6 +252,7 @@ def resolve(model: ModelFiles | ModelFacts, request: Request, prompts: str | lis
     use_norm = v.use_norm if sampling.use_norm is None else sampling.use_norm
     settings = sampler_settings(v, sampling.sampler, sampling.steps, sampling.shift, sampling.noise_level,
                                 sampling.velocity_norm, editing)
+    check_schedule_options(sampling.parallel_window, sampling.head_steps_floor, settings.steps, settings.name)
     if not prompts:
         raise NextStepError("no prompt given")
     check_number("cfg", cfg, minimum=1, hint=" (1 turns text guidance off)")

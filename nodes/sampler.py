@@ -45,6 +45,23 @@ def sampler_widgets() -> list:
 SAMPLER_NAMES = tuple(widget.id for widget in sampler_widgets())
 
 
+def speed_widgets() -> list:
+    """Several tokens per decoder pass and annealed head steps: on NextStep Sampler only, which feeds
+    every sampling node (docs/parallel-decoding.md)."""
+    return [
+        io.Int.Input("parallel_window", default=0, min=0, max=256, optional=True,
+                     tooltip="Several image tokens per model pass: a token row starts once the row above is this "
+                             "many tokens ahead, so rows are drawn side by side (fewer passes, faster; small windows "
+                             "cost quality at row starts). 0: one token per pass, as the model was trained."),
+        io.Int.Input("head_steps_floor", default=0, min=0, max=200, optional=True,
+                     tooltip="Annealed flow steps: later tokens take fewer steps, linearly down to this many for "
+                             "the last token. 0: every token takes all steps."),
+    ]
+
+
+SPEED_NAMES = tuple(widget.id for widget in speed_widgets())
+
+
 def sampler_input() -> io.Input:
     return NextStepSamplerType.Input(
         "sampler_settings", optional=True,
@@ -66,7 +83,7 @@ class NextStepSampler(io.ComfyNode):
             category="NextStep",
             description="How every image token is sampled, set once for the NextStep sampling nodes it is connected "
                         "to (their sampler_settings input); it replaces their own sampler widgets.",
-            inputs=sampler_widgets(),
+            inputs=[*sampler_widgets(), *speed_widgets()],
             outputs=[NextStepSamplerType.Output("sampler_settings", display_name="sampler_settings",
                                                 tooltip="For the sampler_settings input of the NextStep sampling "
                                                         "nodes.")],
@@ -74,7 +91,8 @@ class NextStepSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, **settings) -> io.NodeOutput:
-        return io.NodeOutput({name: settings[name] for name in SAMPLER_NAMES})
+        speed = {name: settings.get(name, 0) for name in SPEED_NAMES}  # optional: 0, off, when left out
+        return io.NodeOutput({**{name: settings[name] for name in SAMPLER_NAMES}, **speed})
 
 
 NODES = [NextStepSampler]

@@ -78,6 +78,8 @@ BAD_SETTINGS = [
     (["--grow", "-1", "--region", "MASK", "--reference", "IMAGE"], "grow -1 must be a whole number >= 0"),
     (["--grow", "2"], "grow 2 widens a region, but no region was given"),
     (["--reference", "MISSING", "--keep-rows", "1"], "reference image"),
+    (["--parallel-window", "-1"], "parallel_window -1 must be a whole number >= 0"),
+    (["--head-steps-floor", "99"], "head_steps_floor 99 is above the sampler's"),
 ]
 
 
