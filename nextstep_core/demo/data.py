@@ -17,13 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ..engine.model import patchify
 from ..engine.prompt import IMAGE_MARKER, SpecialIds, build_prompt_rows
 from ..engine.vae import ImageTokenizer
 from .objective import TrainingBatch
+from .own_edits import load_triples
 from .phrasing import free_caption, free_instruction
-from .scenes import edit_dataset, scene_dataset
+from .scenes import EDIT_KINDS, edit_dataset, scene_dataset
 
 SIZES = ((64, 64), (64, 64), (128, 64), (64, 128))  # (width, height) of the training scenes; 64x64 drawn half the time
 
@@ -97,15 +99,39 @@ def parse_size_weights(text: str) -> dict[tuple[int, int], float]:
     return weights
 
 
-def build_examples(tokenizer_vae: ImageTokenizer, seed: int, scenes: int, edits: int, log, sizes=SIZES):
+def parse_edit_kinds(text: str) -> dict[str, float]:
+    """'remove=3,recolour=2' -> {'remove': 3.0, 'recolour': 2.0}: relative weights of the edit
+    kinds (scenes.EDIT_KINDS) in the training edits; a kind not named weighs 1."""
+    weights = {}
+    for item in text.split(","):
+        kind, _, factor = item.strip().partition("=")
+        if kind not in EDIT_KINDS:
+            raise SystemExit(f"--edit-kinds: {kind!r} is not one of {', '.join(EDIT_KINDS)}")
+        try:
+            weights[kind] = float(factor)
+        except ValueError:
+            raise SystemExit(f"--edit-kinds: {item.strip()!r} is not KIND=WEIGHT") from None
+        if not weights[kind] > 0:
+            raise SystemExit(f"--edit-kinds: the weight of {kind} must be above 0, not {factor}")
+    return weights
+
+
+def build_examples(tokenizer_vae: ImageTokenizer, seed: int, scenes: int, edits: int, log, sizes=SIZES,
+                   edit_kinds: dict[str, float] | None = None, own_edits: Path | None = None):
     """(kind, caption, target tokens, source tokens | None, grid) examples, encoded once; scene
-    i has size sizes[i % len(sizes)] (width, height)."""
+    i has size sizes[i % len(sizes)] (width, height); edit kinds drawn with `edit_kinds` weights;
+    with `own_edits`, the edit triples on the model's own drawings of that file as well
+    (own_edits.load_triples)."""
     examples = []
     pairs = scene_dataset(seed + 1, scenes, sizes)
-    triples = edit_dataset(seed + 2, edits, sizes)
-    for size in sorted({im.size for im, _ in pairs}):
+    triples = edit_dataset(seed + 2, edits, sizes, edit_kinds)
+    if own_edits is not None:
+        own = [(Image.fromarray(s), ins, Image.fromarray(t)) for s, ins, t in load_triples(own_edits)]
+        log(f"{len(own)} edit triples on the model's own drawings from {own_edits}")
+        triples += own
+    for size in sorted({im.size for im, _ in pairs} | {s.size for s, _, _ in triples}):
         chosen = [(im, cap) for im, cap in pairs if im.size == size]
-        tokens = encode_tokens(tokenizer_vae, [im for im, _ in chosen])
+        tokens = encode_tokens(tokenizer_vae, [im for im, _ in chosen]) if chosen else []
         grid = (size[1] // 16, size[0] // 16)
         examples += [("t2i", cap, tok, None, grid) for (_, cap), tok in zip(chosen, tokens)]
         chosen_edits = [t for t in triples if t[0].size == size]
@@ -119,13 +145,17 @@ def build_examples(tokenizer_vae: ImageTokenizer, seed: int, scenes: int, edits:
 
 
 def cached_examples(out: Path, tokenizer_vae: ImageTokenizer, seed: int, scenes: int, edits: int, log,
-                    bf16: bool = False, sizes=SIZES):
+                    bf16: bool = False, sizes=SIZES, edit_kinds: dict[str, float] | None = None,
+                    own_edits: Path | None = None):
     """build_examples(), kept in `<out>/examples-<key>.pt` so that a resumed or repeated run does
     not encode the same images again. The key covers the arguments, the encoding precision and
     the tokenizer's weights (vae.pt), so a changed tokenizer never reuses stale tokens."""
-    key = f"{seed} {scenes} {edits} {bf16}" + ("" if tuple(sizes) == SIZES else f" {tuple(sizes)}")
+    key = (f"{seed} {scenes} {edits} {bf16}" + ("" if tuple(sizes) == SIZES else f" {tuple(sizes)}")
+           + (f" {sorted(edit_kinds.items())}" if edit_kinds else ""))
     digest = hashlib.sha1(key.encode())
     digest.update((out / "vae.pt").read_bytes())
+    if own_edits is not None:
+        digest.update(Path(own_edits).read_bytes())
     path = out / f"examples-{digest.hexdigest()[:12]}.pt"
     device = next(tokenizer_vae.parameters()).device
     if path.is_file():
@@ -135,7 +165,7 @@ def cached_examples(out: Path, tokenizer_vae: ImageTokenizer, seed: int, scenes:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             examples = [(kind, text, target.float().cpu(), None if source is None else source.float().cpu(), grid)
                         for kind, text, target, source, grid in
-                        build_examples(tokenizer_vae, seed, scenes, edits, log, sizes)]
+                        build_examples(tokenizer_vae, seed, scenes, edits, log, sizes, edit_kinds, own_edits)]
         tmp = path.with_suffix(".tmp")
         torch.save(examples, tmp)
         tmp.replace(path)
@@ -203,17 +233,18 @@ def example_batches(examples, batch_size: int, rng: np.random.Generator,
 
 def make_batch(text_tokenizer, special: SpecialIds, examples, rng: np.random.Generator,
                free_captions: float = 0.0, phrasing_weights: dict | None = None,
-               reading_order: bool = True) -> TrainingBatch:
+               reading_order: bool = True, default_background: bool = True) -> TrainingBatch:
     """Teacher-forcing rows for examples of one kind and size, with guidance dropout; that share
     of the kept captions and edit instructions said in a random free phrasing (phrasing.py,
-    random_phrasing with `phrasing_weights`; `reading_order`: see phrasing.free_caption)."""
+    random_phrasing with `phrasing_weights`; `reading_order`, `default_background`: see
+    phrasing.free_caption's reading_order and default_only)."""
     kind, grid = examples[0][0], examples[0][4]
     captions, sources = [], []
     for _, caption, _, source, _ in examples:
         drop = rng.random()
         if kind == "t2i":
             if drop >= 0.1 and free_captions and rng.random() < free_captions:
-                caption = free_caption(caption, rng, phrasing_weights, reading_order)
+                caption = free_caption(caption, rng, phrasing_weights, reading_order, default_background)
             captions.append("" if drop < 0.1 else caption)
         elif drop < 0.05:  # negative alone: the image-free guidance branch, trained as t2i
             captions.append("")

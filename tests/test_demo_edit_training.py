@@ -1,0 +1,101 @@
+"""Training data for edits that chain: weighted edit kinds, noisy sources, edits on the model's own
+drawings, and free captions that leave out only the default background."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_training import fixed_losses, small_spec, tiny_batch
+
+from nextstep_core.demo.checker import parse_background
+from nextstep_core.demo.objective import training_losses
+from nextstep_core.demo.own_edits import load_triples, save_triples
+from nextstep_core.demo.phrasing import default_background, free_caption
+from nextstep_core.demo.scenes import Scene, SceneObject, caption, render
+from nextstep_core.demo.train import new_demo_model, vae_config
+from nextstep_core.engine.vae import ImageTokenizer
+
+RED_CIRCLE = SceneObject("circle", "red", "large", 10.5, 10.5)
+WHITE_SQUARE = SceneObject("square", "white", "small", 32.0, 32.0)
+
+
+def phrasings(scene, default_only, count=200):
+    rng = np.random.default_rng(0)
+    return [free_caption(caption(scene), rng, {"background": (0, 0, 1)}, default_only=default_only)
+            for _ in range(count)]
+
+
+@pytest.mark.parametrize("background,objects,default", [("white", (RED_CIRCLE,), "white"),
+                                                        ("black", (RED_CIRCLE, WHITE_SQUARE), "black")])
+def test_free_captions_leave_out_only_the_default_background(background, objects, default):
+    assert default_background([o.color for o in objects]) == default
+    on_default = Scene(64, 64, background, None, objects)
+    # every phrasing asked to leave the background out does so on the default background
+    assert all("background" not in text for text in phrasings(on_default, True))
+    for other in (Scene(64, 64, "green", None, objects), Scene(64, 64, background, "green", objects, "left-right")):
+        kept = phrasings(other, True)
+        assert all(parse_background(text.lower().rstrip(".")) is not None or "background" in text for text in kept)
+        assert all("green" in text and "background" in text for text in kept)
+        # the old rule (--free-background any) leaves any background out
+        assert all("background" not in text for text in phrasings(other, False))
+
+
+def test_source_noise_perturbs_only_the_edit_sources(tmp_path):
+    from nextstep_core.demo.objective import edited_token_weights
+
+    tokenizer, batch = tiny_batch(tmp_path, "edit")
+    model, _ = new_demo_model(tokenizer, small_spec(), seed=0)
+    assert batch.source_tokens is not None
+    plain = fixed_losses(model, batch).image.item()
+    zero = training_losses(model, batch, generator=torch.Generator().manual_seed(0), head_repeats=2, source_noise=0.0)
+    noised = training_losses(model, batch, generator=torch.Generator().manual_seed(0), head_repeats=2,
+                             source_noise=0.5)
+    assert zero.image.item() == plain != noised.image.item()
+    # the changed-token weights still compare the clean source (the batch itself is left alone)
+    before = batch.source_tokens.clone()
+    training_losses(model, batch, head_repeats=2, source_noise=0.5, changed_weight=3.0)
+    assert torch.equal(batch.source_tokens, before)
+    assert edited_token_weights(batch, 3.0) is not None
+    # a text-to-image batch has no source: source_noise changes nothing there
+    _, t2i = tiny_batch(tmp_path / "t2i")
+    assert fixed_losses(model, t2i).image.item() == training_losses(
+        model, t2i, generator=torch.Generator().manual_seed(0), head_repeats=2, source_noise=0.5).image.item()
+
+
+def test_own_edit_triples_join_the_training_edits(tmp_path):
+    from nextstep_core.demo.data import cached_examples
+    from nextstep_core.demo.stage import save_state
+
+    scene = Scene(64, 64, "white", None, (RED_CIRCLE,))
+    target = Scene(64, 64, "white", None, (SceneObject("circle", "blue", "large", 10.5, 10.5),))
+    path = tmp_path / "own.npz"
+    save_triples(path, [np.asarray(render(scene))] * 2, ["make the red circle blue"] * 2,
+                 [np.asarray(render(target))] * 2)
+    triples = load_triples(path)
+    assert [t[1] for t in triples] == ["make the red circle blue"] * 2
+    assert np.array_equal(triples[0][2], np.asarray(render(target))) and triples[0][0].dtype == np.uint8
+    torch.manual_seed(0)
+    vae = ImageTokenizer(vae_config(small_spec())).eval()
+    save_state(tmp_path / "vae.pt", weights=vae.state_dict(), optimizer={}, step=0)
+    messages = []
+    examples = cached_examples(tmp_path, vae, 0, 4, 2, messages.append, own_edits=path)
+    assert messages[0] == f"2 edit triples on the model's own drawings from {path}"
+    own = [e for e in examples if e[1] == "<image> make the red circle blue"]
+    assert len(own) == 2 and sum(e[0] == "edit" for e in examples) == 4 and own[0][4] == (4, 4)
+    encoded = vae.encode(torch.from_numpy(np.asarray(Image.fromarray(triples[0][0]), dtype=np.float32))
+                         .permute(2, 0, 1)[None] / 127.5 - 1)
+    assert own[0][3].shape == (16, 64) and encoded.shape[-2:] == (8, 8)
+    # a different file of triples gets its own cache
+    plain = cached_examples(tmp_path, vae, 0, 4, 2, messages.append)
+    assert len(plain) == 6 and messages[-1].startswith("encoded")
+
+
+def test_train_options_for_edits_are_parsed():
+    from nextstep_core.demo.train_args import build_parser
+
+    args = build_parser("x", "out").parse_args(["model", "--out", "r", "--edit-kinds", "remove=2,move=2",
+                                                "--source-noise", "0.5", "--own-edits", "own.npz"])
+    assert args.edit_kinds == {"remove": 2.0, "move": 2.0} and args.source_noise == 0.5
+    assert args.own_edits == "own.npz" and args.free_background == "default"
+    assert build_parser("x", "out").parse_args(["model", "--out", "r", "--free-background", "any"]).free_background \
+        == "any"
