@@ -99,3 +99,13 @@ def test_train_options_for_edits_are_parsed():
     assert args.own_edits == "own.npz" and args.free_background == "default"
     assert build_parser("x", "out").parse_args(["model", "--out", "r", "--free-background", "any"]).free_background \
         == "any"
+
+
+def test_edit_sizes_set_the_training_edits_sizes_apart_from_the_scenes(tmp_path):
+    from nextstep_core.demo.data import build_examples
+
+    torch.manual_seed(0)
+    vae = ImageTokenizer(vae_config(small_spec())).eval()
+    examples = build_examples(vae, 0, 4, 3, lambda _: None, sizes=((64, 64), (128, 64)), edit_sizes=((64, 64),))
+    assert sorted(e[4] for e in examples if e[0] == "t2i") == [(4, 4), (4, 4), (4, 8), (4, 8)]
+    assert [e[4] for e in examples if e[0] == "edit"] == [(4, 4)] * 3

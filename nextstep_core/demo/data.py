@@ -117,14 +117,15 @@ def parse_edit_kinds(text: str) -> dict[str, float]:
 
 
 def build_examples(tokenizer_vae: ImageTokenizer, seed: int, scenes: int, edits: int, log, sizes=SIZES,
-                   edit_kinds: dict[str, float] | None = None, own_edits: Path | None = None):
+                   edit_kinds: dict[str, float] | None = None, own_edits: Path | None = None,
+                   edit_sizes=None):
     """(kind, caption, target tokens, source tokens | None, grid) examples, encoded once; scene
     i has size sizes[i % len(sizes)] (width, height); edit kinds drawn with `edit_kinds` weights;
     with `own_edits`, the edit triples on the model's own drawings of that file as well
-    (own_edits.load_triples)."""
+    (own_edits.load_triples); the edits of size edit_sizes[i % len(edit_sizes)] (default `sizes`)."""
     examples = []
     pairs = scene_dataset(seed + 1, scenes, sizes)
-    triples = edit_dataset(seed + 2, edits, sizes, edit_kinds)
+    triples = edit_dataset(seed + 2, edits, edit_sizes or sizes, edit_kinds)
     if own_edits is not None:
         own = [(Image.fromarray(s), ins, Image.fromarray(t)) for s, ins, t in load_triples(own_edits)]
         log(f"{len(own)} edit triples on the model's own drawings from {own_edits}")
@@ -146,12 +147,13 @@ def build_examples(tokenizer_vae: ImageTokenizer, seed: int, scenes: int, edits:
 
 def cached_examples(out: Path, tokenizer_vae: ImageTokenizer, seed: int, scenes: int, edits: int, log,
                     bf16: bool = False, sizes=SIZES, edit_kinds: dict[str, float] | None = None,
-                    own_edits: Path | None = None):
+                    own_edits: Path | None = None, edit_sizes=None):
     """build_examples(), kept in `<out>/examples-<key>.pt` so that a resumed or repeated run does
     not encode the same images again. The key covers the arguments, the encoding precision and
     the tokenizer's weights (vae.pt), so a changed tokenizer never reuses stale tokens."""
     key = (f"{seed} {scenes} {edits} {bf16}" + ("" if tuple(sizes) == SIZES else f" {tuple(sizes)}")
-           + (f" {sorted(edit_kinds.items())}" if edit_kinds else ""))
+           + (f" {sorted(edit_kinds.items())}" if edit_kinds else "")
+           + (f" edits {tuple(edit_sizes)}" if edit_sizes else ""))
     digest = hashlib.sha1(key.encode())
     digest.update((out / "vae.pt").read_bytes())
     if own_edits is not None:
@@ -165,7 +167,8 @@ def cached_examples(out: Path, tokenizer_vae: ImageTokenizer, seed: int, scenes:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             examples = [(kind, text, target.float().cpu(), None if source is None else source.float().cpu(), grid)
                         for kind, text, target, source, grid in
-                        build_examples(tokenizer_vae, seed, scenes, edits, log, sizes, edit_kinds, own_edits)]
+                        build_examples(tokenizer_vae, seed, scenes, edits, log, sizes, edit_kinds, own_edits,
+                                       edit_sizes)]
         tmp = path.with_suffix(".tmp")
         torch.save(examples, tmp)
         tmp.replace(path)

@@ -201,14 +201,15 @@ def train_model(out: Path, steps: int, batch_size: int, seed: int, save_every: i
                 scene_sizes=SIZES, batch_tokens: int | None = None,
                 size_weights: dict | None = None, phrasing_weights: dict | None = None,
                 reading_order: bool = True, edit_kinds: dict | None = None, source_noise: float = 0.0,
-                default_background: bool = True, own_edits: Path | None = None) -> NextStepModel:
+                default_background: bool = True, own_edits: Path | None = None, edit_sizes=None) -> NextStepModel:
     """The model stage. `init_from` (a model.pt of an earlier run of the same sizes) starts a new
     run from those weights, with a fresh optimiser and schedule (ignored when resuming).
     `input_noise`, `self_feed`: see objective.training_losses. `bf16`: see compute_precision.
     `edit_share`: see group_weights. `changed_weight`: see objective.edited_token_weights.
     `free_captions`, `scene_sizes`, `batch_tokens`, `size_weights`, `phrasing_weights`,
     `reading_order`, `default_background`, `edit_kinds`: see data.make_batch, build_examples,
-    example_batches. `source_noise`: see objective.training_losses. `own_edits`: see build_examples."""
+    example_batches. `source_noise`: see objective.training_losses. `own_edits`, `edit_sizes`: see
+    build_examples."""
     check_size_weights(size_weights, scene_sizes)  # before minutes of encoding; example_batches checks the data
     spec = run_spec(out)
     text_folder = write_tiny_tokenizer(out / "text_tokenizer", vocab_size=640)
@@ -226,7 +227,7 @@ def train_model(out: Path, steps: int, batch_size: int, seed: int, save_every: i
     model.to(device)
     move_optimizer_state(optimizer, device)
     examples = cached_examples(out, load_trained_vae(out, device), seed, scenes, edits, log, bf16=bf16,
-                               sizes=scene_sizes, edit_kinds=edit_kinds, own_edits=own_edits)
+                               sizes=scene_sizes, edit_kinds=edit_kinds, own_edits=own_edits, edit_sizes=edit_sizes)
     rng = np.random.default_rng(seed + start)
     batches = example_batches(examples, batch_size, rng, edit_share, batch_tokens, size_weights)
     generator = torch.Generator().manual_seed(seed + start)
@@ -337,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                     size_weights=args.size_weights, phrasing_weights=args.phrasing_weights,
                     reading_order=args.unplaced_order == "reading", edit_kinds=args.edit_kinds,
                     source_noise=args.source_noise, default_background=args.free_background == "default",
-                    own_edits=args.own_edits and Path(args.own_edits))
+                    own_edits=args.own_edits and Path(args.own_edits), edit_sizes=args.edit_sizes)
     else:
         log(f"exported to {export(out, Path(args.to))}")
     return 0

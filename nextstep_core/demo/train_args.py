@@ -76,4 +76,6 @@ def build_parser(description: str, default_to: str) -> argparse.ArgumentParser:
     parser.add_argument("--own-edits", metavar="FILE.npz",
                         help="model stage: also train on these edit triples on a model's own drawings "
                              "(python -m nextstep_core.demo.own_edits)")
+    parser.add_argument("--edit-sizes", type=parse_scene_sizes, metavar="WxH,...",
+                        help="model stage: the training edits' sizes, cycled (default: --scene-sizes)")
     return parser
