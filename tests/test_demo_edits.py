@@ -184,3 +184,19 @@ def test_edits_on_a_drawing_change_only_the_edited_object():
             assert not changed.any()
     recoloured = with_objects(SceneObject("circle", "green", "large", 10.5, 10.5), BLUE_SQUARE)
     assert np.array_equal(apply_edit(render(SCENE), SCENE, recoloured), np.asarray(render(recoloured)))
+
+
+def test_evaluate_reports_the_edit_parts_and_chains_of_the_demo_model():
+    from nextstep_core.cli import DEMO_MODEL
+    from nextstep_core.demo.evaluate import evaluate
+    from nextstep_core.pipeline import NextStepPipeline
+
+    pipe = NextStepPipeline.from_folder(DEMO_MODEL)
+    report = evaluate(pipe, captions=2, edits=4, steps=4)
+    parts = report["edit_parts"]
+    assert parts["all"]["edits"] == 4 and sum(v["edits"] for v in parts["per_kind"].values()) == 4
+    assert set(parts["all"]) == {"did_edit", "kept_rest", "kept_objects", "kept_background", "right", "edits"}
+    assert parts["all"]["right"] <= min(parts["all"]["did_edit"], parts["all"]["kept_rest"])
+    chains = chain_scores(pipe, 1, steps=4)
+    assert chains["chains"] == 1 and len(chains["chain_per_pass"]) == 4
+    assert chains["chains_right"] == float(all(p["right"] == 1.0 for p in chains["chain_per_pass"]))

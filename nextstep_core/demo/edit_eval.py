@@ -114,11 +114,12 @@ def chain_seed(seed: int, index: int, step: int) -> int:
     return seed + 1000 * step + index
 
 
-def run_chain(pipe: NextStepPipeline, scene: Scene, steps: list, seed: int, **sampling) -> list:
-    """The images of one chain: the scene drawn from its caption, then each edit on the image before."""
+def run_chain(pipe: NextStepPipeline, scene: Scene, edits: list, seed: int, **sampling) -> list:
+    """The images of one chain (`edits`: [(instruction, scene after it), ...]): the scene drawn from
+    its caption, then each edit on the image before."""
     image = pipe.generate(caption(scene), width=scene.width, height=scene.height, seed=seed, **sampling).to_pil()[0]
     images = [image]
-    for p, (instruction, _) in enumerate(steps, start=1):
+    for p, (instruction, _) in enumerate(edits, start=1):
         image = pipe.generate(f"<image> {instruction}", image=image, seed=seed + 1000 * p, **sampling).to_pil()[0]
         images.append(image)
     return images
@@ -141,8 +142,8 @@ def chain_scores(pipe: NextStepPipeline, count: int, *, seed: int = 0, size=(64,
     started = time.perf_counter()
     chains = held_out_chains(count, size)
     rows = []
-    for k, (scene, steps) in enumerate(chains):
-        rows.append(chain_passes(run_chain(pipe, scene, steps, chain_seed(seed, k, 0), **sampling), scene, steps))
+    for k, (scene, edits) in enumerate(chains):
+        rows.append(chain_passes(run_chain(pipe, scene, edits, chain_seed(seed, k, 0), **sampling), scene, edits))
     per_pass = []
     for p in range(CHAIN_PASSES + 1):
         entry = {"right": float(np.mean([r[p]["right"] for r in rows]))}
