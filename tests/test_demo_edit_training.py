@@ -4,7 +4,6 @@ drawings, and free captions that leave out only the default background."""
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from test_training import fixed_losses, small_spec, tiny_batch
 
 from nextstep_core.demo.checker import parse_background
@@ -63,8 +62,7 @@ def test_source_noise_perturbs_only_the_edit_sources(tmp_path):
 
 
 def test_own_edit_triples_join_the_training_edits(tmp_path):
-    from nextstep_core.demo.data import cached_examples
-    from nextstep_core.demo.stage import save_state
+    from nextstep_core.demo.data import encode_tokens, own_edit_examples
 
     scene = Scene(64, 64, "white", None, (RED_CIRCLE,))
     target = Scene(64, 64, "white", None, (SceneObject("circle", "blue", "large", 10.5, 10.5),))
@@ -76,18 +74,13 @@ def test_own_edit_triples_join_the_training_edits(tmp_path):
     assert np.array_equal(triples[0][2], np.asarray(render(target))) and triples[0][0].dtype == np.uint8
     torch.manual_seed(0)
     vae = ImageTokenizer(vae_config(small_spec())).eval()
-    save_state(tmp_path / "vae.pt", weights=vae.state_dict(), optimizer={}, step=0)
     messages = []
-    examples = cached_examples(tmp_path, vae, 0, 4, 2, messages.append, own_edits=path)
-    assert messages[0] == f"2 edit triples on the model's own drawings from {path}"
-    own = [e for e in examples if e[1] == "<image> make the red circle blue"]
-    assert len(own) == 2 and sum(e[0] == "edit" for e in examples) == 4 and own[0][4] == (4, 4)
-    encoded = vae.encode(torch.from_numpy(np.asarray(Image.fromarray(triples[0][0]), dtype=np.float32))
-                         .permute(2, 0, 1)[None] / 127.5 - 1)
-    assert own[0][3].shape == (16, 64) and encoded.shape[-2:] == (8, 8)
-    # a different file of triples gets its own cache
-    plain = cached_examples(tmp_path, vae, 0, 4, 2, messages.append)
-    assert len(plain) == 6 and messages[-1].startswith("encoded")
+    examples = own_edit_examples(vae, path, messages.append)
+    assert messages == [f"encoded 2 edit triples on the model's own drawings from {path}"]
+    assert [(e[0], e[1], e[4]) for e in examples] == [("edit", "<image> make the red circle blue", (4, 4))] * 2
+    # the targets and sources are the file's images, encoded as the other training images are
+    assert torch.equal(torch.stack([e[2] for e in examples]), encode_tokens(vae, [render(target)] * 2))
+    assert torch.equal(torch.stack([e[3] for e in examples]), encode_tokens(vae, [render(scene)] * 2))
 
 
 def test_train_options_for_edits_are_parsed():

@@ -117,19 +117,13 @@ def parse_edit_kinds(text: str) -> dict[str, float]:
 
 
 def build_examples(tokenizer_vae: ImageTokenizer, seed: int, scenes: int, edits: int, log, sizes=SIZES,
-                   edit_kinds: dict[str, float] | None = None, own_edits: Path | None = None,
-                   edit_sizes=None):
+                   edit_kinds: dict[str, float] | None = None, edit_sizes=None):
     """(kind, caption, target tokens, source tokens | None, grid) examples, encoded once; scene
     i has size sizes[i % len(sizes)] (width, height); edit kinds drawn with `edit_kinds` weights;
-    with `own_edits`, the edit triples on the model's own drawings of that file as well
-    (own_edits.load_triples); the edits of size edit_sizes[i % len(edit_sizes)] (default `sizes`)."""
+    the edits of size edit_sizes[i % len(edit_sizes)] (default `sizes`)."""
     examples = []
     pairs = scene_dataset(seed + 1, scenes, sizes)
     triples = edit_dataset(seed + 2, edits, edit_sizes or sizes, edit_kinds)
-    if own_edits is not None:
-        own = [(Image.fromarray(s), ins, Image.fromarray(t)) for s, ins, t in load_triples(own_edits)]
-        log(f"{len(own)} edit triples on the model's own drawings from {own_edits}")
-        triples += own
     for size in sorted({im.size for im, _ in pairs} | {s.size for s, _, _ in triples}):
         chosen = [(im, cap) for im, cap in pairs if im.size == size]
         tokens = encode_tokens(tokenizer_vae, [im for im, _ in chosen]) if chosen else []
@@ -145,9 +139,26 @@ def build_examples(tokenizer_vae: ImageTokenizer, seed: int, scenes: int, edits:
     return examples
 
 
+def own_edit_examples(tokenizer_vae: ImageTokenizer, path: Path, log) -> list:
+    """The edit triples on a model's own drawings in `path` (own_edits.load_triples) as edit
+    examples, (kind, caption, target tokens, source tokens, grid) on the tokenizer's device. A few
+    thousand at most: encoded each run, not cached, so the file may be made while the other
+    examples encode."""
+    examples = []
+    triples = load_triples(path)
+    for size in sorted({s.shape[:2] for s, _, _ in triples}):
+        chosen = [t for t in triples if t[0].shape[:2] == size]
+        sources = encode_tokens(tokenizer_vae, [Image.fromarray(s) for s, _, _ in chosen])
+        targets = encode_tokens(tokenizer_vae, [Image.fromarray(t) for _, _, t in chosen])
+        examples += [("edit", f"<image> {ins}", tgt, src, (size[0] // 16, size[1] // 16))
+                     for (_, ins, _), src, tgt in zip(chosen, sources, targets)]
+    log(f"encoded {len(examples)} edit triples on the model's own drawings from {path}")
+    return examples
+
+
 def cached_examples(out: Path, tokenizer_vae: ImageTokenizer, seed: int, scenes: int, edits: int, log,
                     bf16: bool = False, sizes=SIZES, edit_kinds: dict[str, float] | None = None,
-                    own_edits: Path | None = None, edit_sizes=None):
+                    edit_sizes=None):
     """build_examples(), kept in `<out>/examples-<key>.pt` so that a resumed or repeated run does
     not encode the same images again. The key covers the arguments, the encoding precision and
     the tokenizer's weights (vae.pt), so a changed tokenizer never reuses stale tokens."""
@@ -156,8 +167,6 @@ def cached_examples(out: Path, tokenizer_vae: ImageTokenizer, seed: int, scenes:
            + (f" edits {tuple(edit_sizes)}" if edit_sizes else ""))
     digest = hashlib.sha1(key.encode())
     digest.update((out / "vae.pt").read_bytes())
-    if own_edits is not None:
-        digest.update(Path(own_edits).read_bytes())
     path = out / f"examples-{digest.hexdigest()[:12]}.pt"
     device = next(tokenizer_vae.parameters()).device
     if path.is_file():
@@ -167,8 +176,7 @@ def cached_examples(out: Path, tokenizer_vae: ImageTokenizer, seed: int, scenes:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             examples = [(kind, text, target.float().cpu(), None if source is None else source.float().cpu(), grid)
                         for kind, text, target, source, grid in
-                        build_examples(tokenizer_vae, seed, scenes, edits, log, sizes, edit_kinds, own_edits,
-                                       edit_sizes)]
+                        build_examples(tokenizer_vae, seed, scenes, edits, log, sizes, edit_kinds, edit_sizes)]
         tmp = path.with_suffix(".tmp")
         torch.save(examples, tmp)
         tmp.replace(path)

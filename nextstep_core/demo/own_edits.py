@@ -8,7 +8,7 @@ changed only where the edit says (`apply_edit`), so everything else stays pixel 
 the model drew:
 
     recolour   the object's pixels keep their coverage, in the new colour
-    remove     the object's pixels go back to the background
+    remove     the object's pixels (and one around them) go back to the background
     move       removed, and its own pixels pasted at the new cell's centre
     add        the new object, rendered, painted onto the drawing
 
@@ -34,6 +34,7 @@ from .edit_eval import edit_kind_of, edit_parts
 from .scenes import PALETTE, Scene, SceneObject, caption, random_edit, random_scene, render, shape_mask
 
 BOX_MARGIN = 2  # pixels around an object's found box that its soft edge may cover
+ERASE_COVERAGE = 0.05  # a removed or moved object's pixels: those it covers by more, grown by one pixel
 
 
 def _rgb(color: str) -> np.ndarray:
@@ -67,6 +68,15 @@ def coverage(pixels: np.ndarray, background: np.ndarray, color: str, box) -> np.
     return alpha
 
 
+def _grown(mask: np.ndarray) -> np.ndarray:
+    """The mask and its 8 neighbours of every pixel in it."""
+    out = mask.copy()
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            out |= _shifted(mask, dx, dy)
+    return out
+
+
 def _shifted(alpha: np.ndarray, dx: int, dy: int) -> np.ndarray:
     """alpha moved by (dx, dy) pixels, zero where it came from outside."""
     out = np.zeros_like(alpha)
@@ -90,8 +100,9 @@ def apply_edit(drawing, source: Scene, target: Scene) -> np.ndarray:
         alpha = coverage(pixels, background, old[0].color, box)[..., None]
         if kind == "recolour":
             out += alpha * (_rgb(new[0].color) - _rgb(old[0].color))
-        else:
-            out += alpha * (background - _rgb(old[0].color))
+        else:  # every pixel the object touches, and one around them, back to the background
+            erased = _grown(alpha[..., 0] > ERASE_COVERAGE)
+            out[erased] = background[erased]
         if kind == "move":
             centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
             moved = _shifted(alpha[..., 0], round(new[0].x - centre[0]), round(new[0].y - centre[1]))[..., None]

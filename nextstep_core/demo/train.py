@@ -53,6 +53,7 @@ from .data import (
     example_batches,
     grouped_batches,
     make_batch,
+    own_edit_examples,
     pil_batch_to_pixels,
     random_crops,
 )
@@ -227,7 +228,11 @@ def train_model(out: Path, steps: int, batch_size: int, seed: int, save_every: i
     model.to(device)
     move_optimizer_state(optimizer, device)
     examples = cached_examples(out, load_trained_vae(out, device), seed, scenes, edits, log, bf16=bf16,
-                               sizes=scene_sizes, edit_kinds=edit_kinds, own_edits=own_edits, edit_sizes=edit_sizes)
+                               sizes=scene_sizes, edit_kinds=edit_kinds, edit_sizes=edit_sizes)
+    if own_edits is not None:
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            examples += [(k, t, tgt.float(), src.float(), g) for k, t, tgt, src, g in
+                         own_edit_examples(load_trained_vae(out, device), own_edits, log)]
     rng = np.random.default_rng(seed + start)
     batches = example_batches(examples, batch_size, rng, edit_share, batch_tokens, size_weights)
     generator = torch.Generator().manual_seed(seed + start)
