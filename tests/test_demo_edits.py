@@ -154,7 +154,7 @@ def test_edit_kind_weights_shift_the_kinds_and_leave_the_default_draws_alone():
                                           ("remove=x", "'remove=x' is not KIND=WEIGHT"),
                                           ("move=0", "the weight of move must be above 0")])
 def test_edit_kinds_option_errors(text, message):
-    from nextstep_core.demo.data import parse_edit_kinds
+    from nextstep_core.demo.edit_eval import parse_edit_kinds
 
     assert parse_edit_kinds("remove=3, recolour=2") == {"remove": 3.0, "recolour": 2.0}
     with pytest.raises(SystemExit, match=message):

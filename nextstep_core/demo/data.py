@@ -25,7 +25,7 @@ from ..engine.vae import ImageTokenizer
 from .objective import TrainingBatch
 from .own_edits import load_triples
 from .phrasing import free_caption, free_instruction
-from .scenes import EDIT_KINDS, edit_dataset, scene_dataset
+from .scenes import edit_dataset, scene_dataset
 
 SIZES = ((64, 64), (64, 64), (128, 64), (64, 128))  # (width, height) of the training scenes; 64x64 drawn half the time
 
@@ -96,23 +96,6 @@ def parse_size_weights(text: str) -> dict[tuple[int, int], float]:
         if not value > 0:
             raise SystemExit(f"--size-weights: the factor of {size.strip()} must be above 0, not {factor}")
         weights[parse_scene_sizes(size)[0]] = value
-    return weights
-
-
-def parse_edit_kinds(text: str) -> dict[str, float]:
-    """'remove=3,recolour=2' -> {'remove': 3.0, 'recolour': 2.0}: relative weights of the edit
-    kinds (scenes.EDIT_KINDS) in the training edits; a kind not named weighs 1."""
-    weights = {}
-    for item in text.split(","):
-        kind, _, factor = item.strip().partition("=")
-        if kind not in EDIT_KINDS:
-            raise SystemExit(f"--edit-kinds: {kind!r} is not one of {', '.join(EDIT_KINDS)}")
-        try:
-            weights[kind] = float(factor)
-        except ValueError:
-            raise SystemExit(f"--edit-kinds: {item.strip()!r} is not KIND=WEIGHT") from None
-        if not weights[kind] > 0:
-            raise SystemExit(f"--edit-kinds: the weight of {kind} must be above 0, not {factor}")
     return weights
 
 

@@ -154,6 +154,23 @@ def chain_scores(pipe: NextStepPipeline, count: int, *, seed: int = 0, size=(64,
             "chain_per_pass": per_pass, "chain_seconds": round(time.perf_counter() - started, 1)}
 
 
+def parse_edit_kinds(text: str) -> dict[str, float]:
+    """'remove=3,recolour=2' -> {'remove': 3.0, 'recolour': 2.0}: relative weights of the edit
+    kinds (scenes.EDIT_KINDS) in the training edits; a kind not named weighs 1."""
+    weights = {}
+    for item in text.split(","):
+        kind, _, factor = item.strip().partition("=")
+        if kind not in EDIT_KINDS:
+            raise SystemExit(f"--edit-kinds: {kind!r} is not one of {', '.join(EDIT_KINDS)}")
+        try:
+            weights[kind] = float(factor)
+        except ValueError:
+            raise SystemExit(f"--edit-kinds: {item.strip()!r} is not KIND=WEIGHT") from None
+        if not weights[kind] > 0:
+            raise SystemExit(f"--edit-kinds: the weight of {kind} must be above 0, not {factor}")
+    return weights
+
+
 def hides_object(image, objects: list[ObjectSpec]) -> bool:
     """Whether the image's background (either colour of a two-tone one) has the colour of one of
     the objects asked for: such an object cannot be seen."""

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .checker import find_objects, score
-from .edit_eval import edit_kind_of, edit_parts
+from .edit_eval import edit_kind_of, edit_parts, parse_edit_kinds
 from .scenes import PALETTE, Scene, SceneObject, caption, random_edit, random_scene, render, shape_mask
 
 BOX_MARGIN = 2  # pixels around an object's found box that its soft edge may cover
@@ -152,7 +152,6 @@ def load_triples(path: Path) -> list[tuple[np.ndarray, str, np.ndarray]]:
 
 def main(argv: list[str] | None = None) -> int:
     from ..pipeline import NextStepPipeline
-    from .data import parse_edit_kinds
 
     parser = argparse.ArgumentParser(prog="python -m nextstep_core.demo.own_edits", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(Path(__file__).parent.parent / "demo_model"))

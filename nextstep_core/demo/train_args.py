@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .data import CROP, SIZES, parse_edit_kinds, parse_scene_sizes, parse_size_weights
+from .data import CROP, SIZES, parse_scene_sizes, parse_size_weights
+from .edit_eval import parse_edit_kinds
 from .phrasing import parse_phrasing_weights
 
 
