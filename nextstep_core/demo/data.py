@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ..engine.model import patchify
 from ..engine.prompt import IMAGE_MARKER, SpecialIds, build_prompt_rows
 from ..engine.vae import ImageTokenizer
 from .objective import TrainingBatch
+from .own_edits import load_triples
 from .phrasing import free_caption, free_instruction
 from .scenes import edit_dataset, scene_dataset
 
@@ -97,15 +99,17 @@ def parse_size_weights(text: str) -> dict[tuple[int, int], float]:
     return weights
 
 
-def build_examples(tokenizer_vae: ImageTokenizer, seed: int, scenes: int, edits: int, log, sizes=SIZES):
+def build_examples(tokenizer_vae: ImageTokenizer, seed: int, scenes: int, edits: int, log, sizes=SIZES,
+                   edit_kinds: dict[str, float] | None = None, edit_sizes=None):
     """(kind, caption, target tokens, source tokens | None, grid) examples, encoded once; scene
-    i has size sizes[i % len(sizes)] (width, height)."""
+    i has size sizes[i % len(sizes)] (width, height); edit kinds drawn with `edit_kinds` weights;
+    the edits of size edit_sizes[i % len(edit_sizes)] (default `sizes`)."""
     examples = []
     pairs = scene_dataset(seed + 1, scenes, sizes)
-    triples = edit_dataset(seed + 2, edits, sizes)
-    for size in sorted({im.size for im, _ in pairs}):
+    triples = edit_dataset(seed + 2, edits, edit_sizes or sizes, edit_kinds)
+    for size in sorted({im.size for im, _ in pairs} | {s.size for s, _, _ in triples}):
         chosen = [(im, cap) for im, cap in pairs if im.size == size]
-        tokens = encode_tokens(tokenizer_vae, [im for im, _ in chosen])
+        tokens = encode_tokens(tokenizer_vae, [im for im, _ in chosen]) if chosen else []
         grid = (size[1] // 16, size[0] // 16)
         examples += [("t2i", cap, tok, None, grid) for (_, cap), tok in zip(chosen, tokens)]
         chosen_edits = [t for t in triples if t[0].size == size]
@@ -118,12 +122,32 @@ def build_examples(tokenizer_vae: ImageTokenizer, seed: int, scenes: int, edits:
     return examples
 
 
+def own_edit_examples(tokenizer_vae: ImageTokenizer, path: Path, log) -> list:
+    """The edit triples on a model's own drawings in `path` (own_edits.load_triples) as edit
+    examples, (kind, caption, target tokens, source tokens, grid) on the tokenizer's device. A few
+    thousand at most: encoded each run, not cached, so the file may be made while the other
+    examples encode."""
+    examples = []
+    triples = load_triples(path)
+    for size in sorted({s.shape[:2] for s, _, _ in triples}):
+        chosen = [t for t in triples if t[0].shape[:2] == size]
+        sources = encode_tokens(tokenizer_vae, [Image.fromarray(s) for s, _, _ in chosen])
+        targets = encode_tokens(tokenizer_vae, [Image.fromarray(t) for _, _, t in chosen])
+        examples += [("edit", f"<image> {ins}", tgt, src, (size[0] // 16, size[1] // 16))
+                     for (_, ins, _), src, tgt in zip(chosen, sources, targets)]
+    log(f"encoded {len(examples)} edit triples on the model's own drawings from {path}")
+    return examples
+
+
 def cached_examples(out: Path, tokenizer_vae: ImageTokenizer, seed: int, scenes: int, edits: int, log,
-                    bf16: bool = False, sizes=SIZES):
+                    bf16: bool = False, sizes=SIZES, edit_kinds: dict[str, float] | None = None,
+                    edit_sizes=None):
     """build_examples(), kept in `<out>/examples-<key>.pt` so that a resumed or repeated run does
     not encode the same images again. The key covers the arguments, the encoding precision and
     the tokenizer's weights (vae.pt), so a changed tokenizer never reuses stale tokens."""
-    key = f"{seed} {scenes} {edits} {bf16}" + ("" if tuple(sizes) == SIZES else f" {tuple(sizes)}")
+    key = (f"{seed} {scenes} {edits} {bf16}" + ("" if tuple(sizes) == SIZES else f" {tuple(sizes)}")
+           + (f" {sorted(edit_kinds.items())}" if edit_kinds else "")
+           + (f" edits {tuple(edit_sizes)}" if edit_sizes else ""))
     digest = hashlib.sha1(key.encode())
     digest.update((out / "vae.pt").read_bytes())
     path = out / f"examples-{digest.hexdigest()[:12]}.pt"
@@ -135,7 +159,7 @@ def cached_examples(out: Path, tokenizer_vae: ImageTokenizer, seed: int, scenes:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             examples = [(kind, text, target.float().cpu(), None if source is None else source.float().cpu(), grid)
                         for kind, text, target, source, grid in
-                        build_examples(tokenizer_vae, seed, scenes, edits, log, sizes)]
+                        build_examples(tokenizer_vae, seed, scenes, edits, log, sizes, edit_kinds, edit_sizes)]
         tmp = path.with_suffix(".tmp")
         torch.save(examples, tmp)
         tmp.replace(path)
@@ -203,17 +227,18 @@ def example_batches(examples, batch_size: int, rng: np.random.Generator,
 
 def make_batch(text_tokenizer, special: SpecialIds, examples, rng: np.random.Generator,
                free_captions: float = 0.0, phrasing_weights: dict | None = None,
-               reading_order: bool = True) -> TrainingBatch:
+               reading_order: bool = True, default_background: bool = True) -> TrainingBatch:
     """Teacher-forcing rows for examples of one kind and size, with guidance dropout; that share
     of the kept captions and edit instructions said in a random free phrasing (phrasing.py,
-    random_phrasing with `phrasing_weights`; `reading_order`: see phrasing.free_caption)."""
+    random_phrasing with `phrasing_weights`; `reading_order`, `default_background`: see
+    phrasing.free_caption's reading_order and default_only)."""
     kind, grid = examples[0][0], examples[0][4]
     captions, sources = [], []
     for _, caption, _, source, _ in examples:
         drop = rng.random()
         if kind == "t2i":
             if drop >= 0.1 and free_captions and rng.random() < free_captions:
-                caption = free_caption(caption, rng, phrasing_weights, reading_order)
+                caption = free_caption(caption, rng, phrasing_weights, reading_order, default_background)
             captions.append("" if drop < 0.1 else caption)
         elif drop < 0.05:  # negative alone: the image-free guidance branch, trained as t2i
             captions.append("")

@@ -28,6 +28,7 @@ from ..sampling.reference_loop import sample_token
 from ..sampling.samplers import prepare_sampler
 from .checker import find_objects, parse_caption, score, score_specs
 from .data import parse_scene_sizes
+from .edit_eval import chain_scores, edit_parts, hides_object, summarise_parts
 from .objective import TrainingBatch, image_conditions, sequence_embeddings
 from .phrasing import FORMS, form_phrasing, phrase, phrase_instruction, random_phrasing, scene_request
 from .scenes import EDIT_KINDS, POSITIONS, caption, random_edit, random_scene, render
@@ -111,8 +112,10 @@ def free_phrasing_scores(pipe: NextStepPipeline, *, captions: int = 48, edits: i
     """Checker scores of free-phrased held-out captions per size and per form (over every size),
     and of free-phrased edits (64x64) per form: the demo model asked the way people ask. Also the
     share of the "no_position" captions' consecutive object pairs drawn in the order named
-    (`named_order_pairs`), with the number of such pairs."""
-    started, per_size, per_form, in_order = time.perf_counter(), {}, {}, []
+    (`named_order_pairs`), with the number of such pairs, and the share of the captions that name
+    no background whose image has a background in the colour of an object asked for
+    (`hides_object`), with the number of such captions."""
+    started, per_size, per_form, in_order, hidden = time.perf_counter(), {}, {}, [], []
     for width, height in sizes:
         prompts, scores = free_phrased_captions(captions, (width, height)), []
         images = draw_captions(pipe, [p[1] for p in prompts], (width, height), seed=seed, batch=batch, **sampling)
@@ -121,6 +124,8 @@ def free_phrasing_scores(pipe: NextStepPipeline, *, captions: int = 48, edits: i
             per_form.setdefault(form, []).append(scores[-1])
             if form == "no_position":
                 in_order += named_order_pairs(image, objects)
+            if background is None:
+                hidden.append(hides_object(image, objects))
         per_size[f"{width}x{height}"] = float(np.mean(scores))
     edit_forms = {}
     for k, (form, source, text, objects, background) in enumerate(free_phrased_edits(edits)):
@@ -130,6 +135,8 @@ def free_phrasing_scores(pipe: NextStepPipeline, *, captions: int = 48, edits: i
             "free_caption_score_per_form": {f: float(np.mean(v)) for f, v in per_form.items()},
             "no_position_in_named_order": float(np.mean(in_order)) if in_order else None,
             "no_position_pairs": len(in_order),
+            "no_background_hides_object": float(np.mean(hidden)) if hidden else None,
+            "no_background_captions": len(hidden),
             "free_edit_score": float(np.mean([s for v in edit_forms.values() for s in v])) if edits else None,
             "free_edit_score_per_form": {f: float(np.mean(v)) for f, v in edit_forms.items()},
             "free_captions_per_size": captions, "free_edits": edits,
@@ -257,13 +264,14 @@ def evaluate(pipe: NextStepPipeline, *, captions: int = 100, edits: int = 50, se
     samples = draw_captions(pipe, texts, seed=seed, batch=batch, **sampling)
     t2i_scores = [score(image, text) for image, text in zip(samples, texts)]
     attributes = attribute_rates(samples, texts)
-    edit_scores, copy_scores, kinds = [], [], []
+    edit_scores, copy_scores, kinds, parts = [], [], [], []
     for k, (source, instruction, target) in enumerate(held_out_edits(edits)):
         source_image, target_caption = render(source), caption(target)
-        result = pipe.generate(f"<image> {instruction}", image=source_image, seed=seed + k, **sampling)
-        edit_scores.append(score(result.to_pil()[0], target_caption))
+        result = pipe.generate(f"<image> {instruction}", image=source_image, seed=seed + k, **sampling).to_pil()[0]
+        edit_scores.append(score(result, target_caption))
         copy_scores.append(score(source_image, target_caption))
         kinds.append(edit_kind(instruction))
+        parts.append(edit_parts(result, source, target))
     return {
         "caption_score": float(np.mean(t2i_scores)),
         "caption_all_right": float(np.mean([s >= 0.999 for s in t2i_scores])),
@@ -272,6 +280,7 @@ def evaluate(pipe: NextStepPipeline, *, captions: int = 100, edits: int = 50, se
         "edit_kinds": {kind: float(np.mean([s for s, k in zip(edit_scores, kinds) if k == kind]))
                        for kind in EDIT_KINDS if kind in kinds},
         "edit_copy_score": float(np.mean(copy_scores)) if copy_scores else None,
+        "edit_parts": summarise_parts(parts, kinds),
         **{f"tokenizer_{k}": v
            for k, v in tokenizer_reconstruction(pipe.image_tokenizer, scenes[:50], pipe.dtype).items()},
         "captions": captions, "edits": edits, "seconds": round(time.perf_counter() - started, 1),
@@ -310,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also score N free-phrased held-out captions per size (64, 96, 128, 128x64) and N "
                              "free-phrased edits, per phrasing form")
     parser.add_argument("--free-edits", type=int, help="free-phrased edits (default: --free)")
+    parser.add_argument("--chains", type=int, default=0, metavar="N",
+                        help="also run N held-out three-pass chains (a drawing, then three edits each on the "
+                             "image before) and score every pass")
     parser.add_argument("--report", help="write the figures as JSON here")
     parser.add_argument("--grid", help="write a PNG grid of the first 32 caption samples here")
     args = parser.parse_args(argv)
@@ -327,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         edits = held_out_edits(min(args.teacher_forced, args.edits))
         if edits:
             report["teacher_forced_edit_score"] = teacher_forced_in_chunks(pipe, edits=edits, **sampling)
+    if args.chains:
+        report.update(chain_scores(pipe, args.chains, **sampling))
     if args.exposure:
         report["exposure_gap"] = [exposure_gap(pipe, args.exposure, size, **sampling) for size in args.exposure_sizes]
     print(json.dumps(report, indent=2))

@@ -120,7 +120,8 @@ def edited_token_weights(batch: TrainingBatch, changed_weight: float,
 def training_losses(model: NextStepModel, batch: TrainingBatch, *, lm_loss_weight: float = 0.01,
                     im_loss_weight: float = 1.0, head_repeats: int = 4,
                     generator: torch.Generator | None = None, input_noise: float = 0.0,
-                    self_feed: float = 0.0, self_feed_steps: int = 4, changed_weight: float = 1.0) -> Losses:
+                    self_feed: float = 0.0, self_feed_steps: int = 4, changed_weight: float = 1.0,
+                    source_noise: float = 0.0) -> Losses:
     """Both losses on one batch, weighted as the config's lm_loss_weight / im_loss_weight.
 
     input_noise > 0: the image tokens fed back into the transformer get Gaussian noise of a
@@ -131,6 +132,10 @@ def training_losses(model: NextStepModel, batch: TrainingBatch, *, lm_loss_weigh
     own samples of them (own_samples), a cheap one-step form of scheduled sampling.
     changed_weight != 1: the flow loss weights the edited tokens of edit rows by it
     (edited_token_weights).
+    source_noise > 0: an edit's source image tokens get Gaussian noise of a strength drawn per row
+    from U(0, source_noise), so the model learns to edit imperfect images like its own drawings (what
+    a chain of edits feeds it) and still copy what it keeps from them cleanly; the changed-token
+    weights compare the clean tokens.
     """
     rows, length = batch.input_ids.shape
     num_tokens = batch.target_tokens.shape[1]
@@ -140,11 +145,17 @@ def training_losses(model: NextStepModel, batch: TrainingBatch, *, lm_loss_weigh
         strength = torch.rand(rows, 1, 1, generator=generator) * input_noise
         fed_back_noise = strength * torch.randn(shape, generator=generator)
     fed_batch = batch
+    if source_noise > 0 and batch.source_tokens is not None:
+        sources = batch.source_tokens
+        strength = torch.rand(sources.shape[0], 1, 1, generator=generator) * source_noise
+        noisy = sources + (strength * torch.randn(sources.shape, generator=generator)).to(sources)
+        fed_batch = TrainingBatch(batch.input_ids, batch.attention_mask, batch.target_tokens,
+                                  batch.placeholder_id, noisy)
     if self_feed > 0:
         own = own_samples(model, batch, self_feed_steps, generator)
         swap = (torch.rand(rows, num_tokens, 1, generator=generator) < self_feed).to(own.device)
         fed_batch = TrainingBatch(batch.input_ids, batch.attention_mask, torch.where(swap, own, batch.target_tokens),
-                                  batch.placeholder_id, batch.source_tokens)
+                                  batch.placeholder_id, fed_batch.source_tokens)
     hidden, conditions = image_conditions(model, fed_batch, sequence_embeddings(model, fed_batch, fed_back_noise))
     targets = batch.target_tokens.reshape(rows * num_tokens, -1).to(conditions.dtype)
     image_loss = model.image_head.loss(targets, conditions, generator=generator, repeats=head_repeats,

@@ -228,15 +228,29 @@ def in_reading_order(request: Request, how: Phrasing) -> tuple[Request, Phrasing
     return Request(objects, request.background), how
 
 
+def default_background(colors) -> str:
+    """The background a training caption that names none stands for: white, or black when one of
+    the objects (`colors`) is white. So a caption without a background never asks the model to
+    choose a colour, and the one it learns never hides an object."""
+    return "black" if "white" in colors else "white"
+
+
 def free_caption(caption: str, rng: np.random.Generator, weights: dict | None = None,
-                 reading_order: bool = True) -> str:
+                 reading_order: bool = True, default_only: bool = True) -> str:
     """A random free phrasing (random_phrasing, with these weights) of an exact-grammar caption, for
     training. With `reading_order`, a phrasing that names no positions names the objects in the
     order they appear (`in_reading_order`), so the model can bind the k-th object it draws to the
-    k-th it was asked for; the caption grammar itself lists them in any order."""
+    k-th it was asked for; the caption grammar itself lists them in any order. With `default_only`,
+    the background is left out only where it is the plain `default_background` of the objects
+    (said last otherwise)."""
     request, how = caption_request(caption), random_phrasing(rng, weights)
     if reading_order and how.positions == "none":
         request, how = in_reading_order(request, how)
+    background = request.background
+    if default_only and how.background == "none" and (
+            background is None or background.color2 is not None
+            or background.color != default_background([o.color for o in request.objects])):
+        how = replace(how, background="last")
     return phrase(request, how, rng)[0]
 
 

@@ -60,14 +60,8 @@ from PIL import Image
 from ..errors import NextStepError
 
 PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 185, 40),
-    "blue": (30, 50, 220),
-    "yellow": (235, 220, 30),
-    "magenta": (215, 40, 215),
-    "cyan": (30, 210, 220),
-    "white": (240, 240, 240),
-    "black": (20, 20, 20),
+    "red": (220, 30, 30), "green": (30, 185, 40), "blue": (30, 50, 220), "yellow": (235, 220, 30),
+    "magenta": (215, 40, 215), "cyan": (30, 210, 220), "white": (240, 240, 240), "black": (20, 20, 20),
 }
 COLORS: tuple[str, ...] = tuple(PALETTE)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
@@ -79,15 +73,9 @@ POSITIONS: tuple[str, ...] = (
     "bottom left", "bottom", "bottom right",
 )
 PLACE_PHRASES: dict[str, str] = {
-    "top left": "at the top left",
-    "top": "at the top",
-    "top right": "at the top right",
-    "left": "on the left",
-    "center": "in the center",
-    "right": "on the right",
-    "bottom left": "at the bottom left",
-    "bottom": "at the bottom",
-    "bottom right": "at the bottom right",
+    "top left": "at the top left", "top": "at the top", "top right": "at the top right",
+    "left": "on the left", "center": "in the center", "right": "on the right",
+    "bottom left": "at the bottom left", "bottom": "at the bottom", "bottom right": "at the bottom right",
 }
 SPLITS: tuple[str, ...] = ("top-bottom", "left-right")
 EDIT_KINDS: tuple[str, ...] = ("recolour", "move", "add", "remove")
@@ -375,25 +363,34 @@ def _remove(rng: np.random.Generator, scene: Scene) -> tuple[str, Scene] | None:
 _EDITS = {"recolour": _recolour, "move": _move, "add": _add, "remove": _remove}
 
 
-def random_edit(rng: np.random.Generator, scene: Scene, kind: str | None = None) -> tuple[Scene, str, Scene]:
-    """(source, instruction, target): one edit of `kind`, or of a random kind that fits the scene."""
+def random_edit(rng: np.random.Generator, scene: Scene, kind: str | None = None,
+                weights: dict[str, float] | None = None) -> tuple[Scene, str, Scene]:
+    """(source, instruction, target): one edit of `kind`, or of a random kind that fits the scene,
+    the kinds tried in an order drawn uniformly or, with `weights` (kind -> relative weight, 1 for
+    a kind not named), in proportion to them."""
     if kind is not None and kind not in _EDITS:
         raise NextStepError(f"edit kind {kind!r} is not one of {EDIT_KINDS}")
     kinds = [kind] if kind is not None else list(EDIT_KINDS)
     while kinds:
-        chosen = kinds.pop(int(rng.integers(len(kinds))))
+        if weights is None:
+            chosen = kinds.pop(int(rng.integers(len(kinds))))
+        else:
+            odds = np.array([weights.get(k, 1.0) for k in kinds], dtype=np.float64)
+            chosen = kinds.pop(int(rng.choice(len(kinds), p=odds / odds.sum())))
         result = _EDITS[chosen](rng, scene)
         if result is not None:
             return scene, result[0], result[1]
     raise NextStepError(f"no {kind or 'edit'} fits this scene")
 
 
-def edit_dataset(seed: int, count: int, sizes=DEFAULT_SIZES) -> list[tuple[Image.Image, str, Image.Image]]:
-    """`count` (source image, instruction, target image) triples, sizes cycled as in scene_dataset."""
+def edit_dataset(seed: int, count: int, sizes=DEFAULT_SIZES,
+                 weights: dict[str, float] | None = None) -> list[tuple[Image.Image, str, Image.Image]]:
+    """`count` (source image, instruction, target image) triples, sizes cycled as in scene_dataset,
+    the edit kinds drawn with `weights` (random_edit)."""
     rng = np.random.default_rng(seed)
     samples = []
     for i in range(count):
         width, height = sizes[i % len(sizes)]
-        source, instruction, target = random_edit(rng, random_scene(rng, width, height))
+        source, instruction, target = random_edit(rng, random_scene(rng, width, height), weights=weights)
         samples.append((render(source), instruction, render(target)))
     return samples

@@ -29,7 +29,6 @@ checkpoints, schedule, step budget and precision they share are in stage.py.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
@@ -54,13 +53,11 @@ from .data import (
     example_batches,
     grouped_batches,
     make_batch,
-    parse_scene_sizes,
-    parse_size_weights,
+    own_edit_examples,
     pil_batch_to_pixels,
     random_crops,
 )
 from .objective import training_losses
-from .phrasing import parse_phrasing_weights
 from .scenes import scene_dataset
 from .stage import (
     StepBudget,
@@ -73,6 +70,7 @@ from .stage import (
 )
 from .tiny import TinySpec, release_state_dict, tiny_config_dict
 from .tiny_tokenizer import write_tiny_tokenizer
+from .train_args import build_parser
 
 DEMO_SIZES = dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2,
                   intermediate_size=768, max_position_embeddings=1024, head_dim=384, head_layers=4,
@@ -203,13 +201,16 @@ def train_model(out: Path, steps: int, batch_size: int, seed: int, save_every: i
                 edit_share: float | None = None, changed_weight: float = 1.0, free_captions: float = 0.0,
                 scene_sizes=SIZES, batch_tokens: int | None = None,
                 size_weights: dict | None = None, phrasing_weights: dict | None = None,
-                reading_order: bool = True) -> NextStepModel:
+                reading_order: bool = True, edit_kinds: dict | None = None, source_noise: float = 0.0,
+                default_background: bool = True, own_edits: Path | None = None, edit_sizes=None) -> NextStepModel:
     """The model stage. `init_from` (a model.pt of an earlier run of the same sizes) starts a new
     run from those weights, with a fresh optimiser and schedule (ignored when resuming).
     `input_noise`, `self_feed`: see objective.training_losses. `bf16`: see compute_precision.
     `edit_share`: see group_weights. `changed_weight`: see objective.edited_token_weights.
     `free_captions`, `scene_sizes`, `batch_tokens`, `size_weights`, `phrasing_weights`,
-    `reading_order`: see data.make_batch, build_examples, example_batches."""
+    `reading_order`, `default_background`, `edit_kinds`: see data.make_batch, build_examples,
+    example_batches. `source_noise`: see objective.training_losses. `own_edits`, `edit_sizes`: see
+    build_examples."""
     check_size_weights(size_weights, scene_sizes)  # before minutes of encoding; example_batches checks the data
     spec = run_spec(out)
     text_folder = write_tiny_tokenizer(out / "text_tokenizer", vocab_size=640)
@@ -227,7 +228,11 @@ def train_model(out: Path, steps: int, batch_size: int, seed: int, save_every: i
     model.to(device)
     move_optimizer_state(optimizer, device)
     examples = cached_examples(out, load_trained_vae(out, device), seed, scenes, edits, log, bf16=bf16,
-                               sizes=scene_sizes)
+                               sizes=scene_sizes, edit_kinds=edit_kinds, edit_sizes=edit_sizes)
+    if own_edits is not None:
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            examples += [(k, t, tgt.float(), src.float(), g) for k, t, tgt, src, g in
+                         own_edit_examples(load_trained_vae(out, device), own_edits, log)]
     rng = np.random.default_rng(seed + start)
     batches = example_batches(examples, batch_size, rng, edit_share, batch_tokens, size_weights)
     generator = torch.Generator().manual_seed(seed + start)
@@ -239,10 +244,11 @@ def train_model(out: Path, steps: int, batch_size: int, seed: int, save_every: i
 
     for step, total in budget.run(save_every, save):
         batch = make_batch(text_tokenizer, special, next(batches), rng, free_captions, phrasing_weights,
-                           reading_order).to(device)
+                           reading_order, default_background).to(device)
         with compute_precision(device, bf16):
             losses = training_losses(model, batch, lm_loss_weight=0.01, head_repeats=4, generator=generator,
-                                     input_noise=input_noise, self_feed=self_feed, changed_weight=changed_weight)
+                                     input_noise=input_noise, self_feed=self_feed, changed_weight=changed_weight,
+                                     source_noise=source_noise)
         set_learning_rate(optimizer, step, total, peak=lr, warmup=300)
         optimizer.zero_grad()
         losses.total.backward()
@@ -304,59 +310,7 @@ def export(out: Path, target: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nextstep_core.demo.train", description=__doc__.split("\n")[0])
-    parser.add_argument("stage", choices=["import", "vae", "model", "export"])
-    parser.add_argument("--out", required=True, help="run folder (checkpoints, logs)")
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--save-every", type=int, default=250)
-    parser.add_argument("--crop", type=int, default=CROP,
-                        help="tokenizer stage: train on crops of this size (64: whole scenes)")
-    parser.add_argument("--freeze-encoder", action="store_true",
-                        help="tokenizer stage: train the decoder only "
-                             "(the latent space the model stage sees stays fixed)")
-    parser.add_argument("--from", dest="source", help="import stage: the model folder to start the run from")
-    parser.add_argument("--to", default=str(Path(__file__).parent.parent / "demo_model"), help="export target folder")
-    parser.add_argument("--device", default="cpu",
-                        help="cpu or cuda (the same draws either way; float rounding differs)")
-    parser.add_argument("--minutes", type=float,
-                        help="time budget: with --steps 0 the step count is fitted to it (and logged); else stop early")
-    parser.add_argument("--scenes", type=int, help="training scenes (default: tokenizer 4000, model 12000)")
-    parser.add_argument("--edits", type=int, default=6000, help="model stage: training edit triples")
-    parser.add_argument("--init-from", help="model stage: start from the weights of this model.pt (fresh optimiser)")
-    parser.add_argument("--lr", type=float, default=5e-4, help="model stage: peak learning rate")
-    parser.add_argument("--input-noise", type=float, default=0.0,
-                        help="model stage: noise strength U(0, this) on the image tokens fed back to the transformer")
-    parser.add_argument("--self-feed", type=float, default=0.0,
-                        help="model stage: share of fed-back image tokens replaced by the model's own samples of them")
-    parser.add_argument("--edit-share", type=float,
-                        help="model stage: share of batches drawn from the edit examples "
-                             "(default: their share of the data)")
-    parser.add_argument("--changed-weight", type=float, default=1.0,
-                        help="model stage: flow-loss weight of the edited tokens of edit examples (those that "
-                             "differ from the source image's; every other token weighs 1)")
-    parser.add_argument("--bf16", action="store_true",
-                        help="bfloat16 autocast for the forward/backward passes and the tokenizer's encoding "
-                             "(float32 weights and optimiser; much faster on CPUs with AMX)")
-    parser.add_argument("--free-captions", type=float, default=0.0,
-                        help="model stage: share of captions said in a random free phrasing (phrasing.py)")
-    parser.add_argument("--scene-sizes", type=parse_scene_sizes, default=SIZES, metavar="WxH,...",
-                        help="model stage: training scene sizes, cycled (default 64x64,64x64,128x64,64x128)")
-    parser.add_argument("--batch-tokens", type=int,
-                        help="model stage: image tokens per batch (at most --batch-size images, at least 4)")
-    parser.add_argument("--size-weights", type=parse_size_weights, metavar="WxH=F,...",
-                        help="model stage: draw batches of these scene sizes F times as often as their share "
-                             "of the examples (e.g. 128x128=3,96x96=2)")
-    parser.add_argument("--phrasing-weights", type=parse_phrasing_weights, metavar="CHOICE=W:W:W,...",
-                        help="model stage: how often a free phrasing picks each option, e.g. positions=5:3:3 "
-                             "(word:synonym:none; background last:first:none; default phrasing.PHRASING_WEIGHTS)")
-    parser.add_argument("--unplaced-order", choices=("reading", "scene"), default="reading",
-                        help="model stage: the order of the objects in a free phrasing that names no positions: "
-                             "reading order (default) or the scene's (as runs before 2026-12-03, evening)")
-    parser.add_argument("--size", action="append", default=[], metavar="NAME=VALUE",
-                        help="override a size of demo_spec() (TinySpec field, e.g. vae_ch=64, vae_ch_mult=1,2,2,2, "
-                             "hidden_size=256); kept in <out>/spec.json for the later stages")
+    parser = build_parser(__doc__.split("\n")[0], str(Path(__file__).parent.parent / "demo_model"))
     args = parser.parse_args(argv)
     check_edit_share(args.edit_share)  # here too: group_weights runs only after minutes of encoding
     if args.changed_weight <= 0:
@@ -387,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
                     edit_share=args.edit_share, changed_weight=args.changed_weight,
                     free_captions=args.free_captions, scene_sizes=args.scene_sizes, batch_tokens=args.batch_tokens,
                     size_weights=args.size_weights, phrasing_weights=args.phrasing_weights,
-                    reading_order=args.unplaced_order == "reading")
+                    reading_order=args.unplaced_order == "reading", edit_kinds=args.edit_kinds,
+                    source_noise=args.source_noise, default_background=args.free_background == "default",
+                    own_edits=args.own_edits and Path(args.own_edits), edit_sizes=args.edit_sizes)
     else:
         log(f"exported to {export(out, Path(args.to))}")
     return 0
