@@ -20,7 +20,8 @@ NODES = {
     "NextStepRegenerateRegion": ["model", "prompt", "negative", "mask", "grow", "batch_size", "seed", "cfg", "steps",
                                  "sampler", "shift", "noise_level", "cfg_schedule", "use_norm", "velocity_norm",
                                  "positive", "image", "latent", "sampler_settings"],
-    "NextStepSampler": ["steps", "sampler", "shift", "noise_level", "cfg_schedule", "use_norm", "velocity_norm"],
+    "NextStepSampler": ["steps", "sampler", "shift", "noise_level", "cfg_schedule", "use_norm", "velocity_norm",
+                        "parallel_window", "head_steps_floor"],
     "NextStepVAEEncode": ["vae", "pixels"],
     "NextStepVAEDecode": ["vae", "samples"],
 }
