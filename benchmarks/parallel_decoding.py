@@ -11,6 +11,9 @@ in quality on the demo model, and what they can save at the 14B decoder's layer 
     .venv/bin/python benchmarks/parallel_decoding.py passes --small        # the same code, tiny shapes
     .venv/bin/python benchmarks/parallel_decoding.py smoke                 # 256x256 demo: runs, passes as predicted
     .venv/bin/python benchmarks/parallel_decoding.py picture               # docs/images/parallel_windows.png
+    # (c) wall time per 128x128 demo image, sequential vs each w, interleaved in one process (quiet machine only)
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/parallel_decoding.py walltime --repeats 5 \
+        --out benchmarks/parallel_walltime.json
 
 (a) For each size (64, 96, 128, 128x64) and seed: the free-phrased held-out captions
 (demo/evaluate.py free_phrased_captions) and the held-out scenes' own captions, drawn at
@@ -190,6 +193,34 @@ def picture(pipe, path: str, *, count: int = 4, size=(128, 128), seed: int = 0) 
     return {"picture": path, "columns": list(columns), "captions": captions, "seed": seed, "size": list(size)}
 
 
+def walltime(pipe, *, size=(128, 128), repeats: int = 5, windows=(0, 2, 3, 4), count: int = 4) -> dict:
+    """Seconds per image (one caption per call, the CLI's way) for each configuration, the
+    configurations interleaved within every repeat so that a change in the machine's load hits all
+    of them alike; per configuration the fastest repeat of the `count` captions' total, and the
+    sequential time over it."""
+    from nextstep_core.demo.evaluate import free_phrased_captions
+
+    captions = [p[1] for p in free_phrased_captions(count, size)]
+    floor = max(2, pipe.sampler_settings().steps // 3)
+    configs = {f"w{w}": dict(parallel_window=w) for w in windows}
+    configs["anneal"] = dict(head_steps_floor=floor)
+    configs["w3_anneal"] = dict(parallel_window=3, head_steps_floor=floor)
+    pipe.generate(captions[0], width=size[0], height=size[1], seed=0)  # warm-up: first-call costs
+    seconds: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(repeats):
+        for name, options in configs.items():
+            began = time.perf_counter()
+            for i, text in enumerate(captions):
+                pipe.generate(text, width=size[0], height=size[1], seed=i, **options)
+            seconds[name].append((time.perf_counter() - began) / len(captions))
+    best = {name: min(times) for name, times in seconds.items()}
+    return {"size": list(size), "captions": count, "repeats": repeats, "floor": floor,
+            "threads": torch.get_num_threads(),
+            "seconds_per_image": {name: round(t, 4) for name, t in best.items()},
+            "median_seconds_per_image": {name: round(float(np.median(t)), 4) for name, t in seconds.items()},
+            "speedup_over_w0": {name: round(best["w0"] / t, 3) for name, t in best.items()}}
+
+
 # --- (b) decoder passes at the 14B layer shapes --------------------------------------------------
 
 def build_decoder(layers: int, shapes: dict, dtype: torch.dtype, device: torch.device):
@@ -298,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("picture", help="a picture grid: captions x (sequential, w 1-4, annealed), same seed")
     d.add_argument("--path", default="docs/images/parallel_windows.png")
     d.add_argument("--count", type=int, default=4)
+    e = sub.add_parser("walltime", help="(c) seconds per 128x128 demo image, sequential vs each w, interleaved")
+    e.add_argument("--repeats", type=int, default=5)
+    e.add_argument("--count", type=int, default=4, help="captions per configuration and repeat")
     b = sub.add_parser("passes", help="(b) decoder pass time vs tokens per pass at the 14B layer shapes")
     b.add_argument("--layers", type=int, default=2)
     b.add_argument("--small", action="store_true", help="tiny shapes (a check of the script)")
@@ -305,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--context", type=int, default=1088, help="filled slots before the pass (prompt + image)")
     b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--device", default="cpu")
-    for p in (a, b, c, d):
+    for p in (a, b, c, d, e):
         p.add_argument("--out", help="JSON file to write")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -324,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
         from nextstep_core import DEMO_MODEL, NextStepPipeline
 
         report = {"smoke": smoke(NextStepPipeline.from_folder(DEMO_MODEL), args.size)}
+    elif args.part == "walltime":
+        from nextstep_core import DEMO_MODEL, NextStepPipeline
+
+        report = walltime(NextStepPipeline.from_folder(DEMO_MODEL), repeats=args.repeats, count=args.count)
     else:
         report = passes(layers=args.layers, small=args.small, dtype=args.dtype, context=args.context,
                         repeats=args.repeats, device=args.device)

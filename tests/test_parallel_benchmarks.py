@@ -42,3 +42,15 @@ def test_changed_statistic_compares_palette_labels_by_column():
     moved[16:32, :16] = (0, 0, 255)  # a palette colour (blue) in one column-0 cell of row 1
     column0, other = parallel_decoding.changed_rates(Image.fromarray(moved), Image.fromarray(sequential), (64, 48))
     assert (column0, other) == (0.5, 0.0)  # one of the two column-0 cells of rows 1..2
+
+
+def test_walltime_reports_every_configuration_against_sequential():
+    from nextstep_core import DEMO_MODEL, NextStepPipeline
+
+    report = parallel_decoding.walltime(NextStepPipeline.from_folder(DEMO_MODEL), size=(64, 64), repeats=1,
+                                        windows=(0, 2), count=1)
+    names = ["w0", "w2", "anneal", "w3_anneal"]
+    assert list(report["seconds_per_image"]) == names and list(report["speedup_over_w0"]) == names
+    assert all(report["seconds_per_image"][n] > 0 for n in names)
+    assert report["speedup_over_w0"]["w0"] == 1.0
+    assert report["floor"] == max(2, NextStepPipeline.from_folder(DEMO_MODEL).sampler_settings().steps // 3)
