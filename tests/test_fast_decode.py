@@ -92,8 +92,8 @@ def float32_product_error_bound(x: torch.Tensor, linear: torch.nn.Linear) -> tor
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 20])
 def test_fast_products_equal_f_linear_within_float_rounding(rows):
     """fast_product's kernel (timed per shape; every candidate: test_kernel_choice.py) and F.linear
-    are float32 evaluations of the same products, so each lies within the
-    rounding bound of the exact (float64) value, and the two within twice that of each other.
+    are float32 evaluations of the same products, so each lies within the rounding bound of the
+    exact (float64) value, and the two within twice that of each other.
     A wrong product (a transposed or misaligned weight, a lost bias) misses by O(|y|) ~ 1, about
     a thousand times the bound here (~1e-3)."""
     linear = large_linear()
