@@ -9,6 +9,9 @@ shape is used in a process, each candidate that agrees with F.linear on that sha
 float32 rounding, `agrees`) is run on a (rows, in) input against the real weight, a few warm-up
 calls and then the least of a few timed calls, and the winner's name is cached for the process
 (tens of milliseconds per shape for the head's weights). `kernel_choices()` reports the cache.
+A limit of timing one weight: it is read again and again, so where it fits the CPU's caches it
+is timed from them, while the head streams all its weights (~600 MB) from memory; the head's
+smaller weights (1536 x 1536, 9 MB) can rank by cached speed.
 
 Each kernel rounds differently (~1e-6 relative), so `exact=False` results can differ in their
 last bits between processes that chose differently. NEXTSTEP_CPU_KERNEL=linear|columns|onednn
