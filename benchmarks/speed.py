@@ -3,13 +3,15 @@
     OMP_WAIT_POLICY=PASSIVE python benchmarks/speed.py              # every config
     OMP_WAIT_POLICY=PASSIVE python benchmarks/speed.py --configs tiny-1.0
     OMP_WAIT_POLICY=PASSIVE python benchmarks/speed.py --kernels      # product kernels' read rates only
+    NEXTSTEP_CPU_KERNEL=columns python benchmarks/speed.py ...         # every timed product with one kernel
 
 Each config runs in its own process (so peak RSS is its own). Implementations, interleaved
 and repeated, the fastest repeat kept (the machine is shared and noisy: read the ratios):
 - reference: generate(loop="reference"), the contract line by line (reference_loop.py);
 - fast: the default loop (decode.py), bit-identical to the reference on CPU;
 - fast-batched: generate(exact=False): AdaLN modulations of all steps in one product per token,
-  and on CPU (float32) product kernels that read large weights 2-3x faster (head.fast_product).
+  and on CPU (float32) each large weight's product kernel chosen by timing it once per shape
+  (head.fast_product, engine/kernels.py); each config's `kernels` records the choices per shape.
 Per token: backbone prefill (once per image, shown per image) and decode (per token), head
 (everything in the loop that is not the backbone: head evaluations, guidance, sampler), and
 the VAE decode per image. For the real-head config, one head evaluation is compared with the
@@ -41,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from nextstep_core.demo.tiny import TinySpec, write_tiny_model  # noqa: E402
 from nextstep_core.engine.head import ONEDNN, FlowNet, column_linear, exact_product, fast_product, onednn_linear  # noqa: E402
+from nextstep_core.engine.kernels import ENV, describe, kernel_choices, shape_key  # noqa: E402
 from nextstep_core.pipeline import NextStepPipeline  # noqa: E402
 from nextstep_core.sampling.samplers import head_evaluations  # noqa: E402
 
@@ -172,19 +175,38 @@ def kernel_read_rates(out_features: int, rows: int, megabytes: int = 300, repeat
     return {name: count * out_features * 1536 * 4 / seconds / 1e9 for name, seconds in best.items()}
 
 
+def kernel_record() -> dict:
+    """The product kernels this process's head.fast_product used, per shape (kernels.kernel_choices),
+    and NEXTSTEP_CPU_KERNEL's value (None when unset)."""
+    return {"override": os.environ.get(ENV) or None, "choices": kernel_choices()}
+
+
+def kernel_lines(result: dict) -> list[str]:
+    """One line naming the kernel chosen for each shape in a config's result (none if no product was timed)."""
+    choices = result["kernels"]["choices"]
+    if not choices:
+        return []
+    return [f"Product kernels chosen ({result['config']}): "
+            + "; ".join(f"{shape}: {name}" for shape, name in choices.items()) + "."]
+
+
 def kernel_table() -> str:
     """Markdown: read rate of every kernel for the head's weight shapes and a range of row counts,
-    with 2 and 1 threads, against the float32 sum's read bandwidth."""
+    with 2 and 1 threads, against the float32 sum's read bandwidth; `chosen`: head.fast_product's
+    kernel for the shape (timed by it, or NEXTSTEP_CPU_KERNEL's)."""
     threads = torch.get_num_threads()
-    lines = ["| threads | weight | rows | sum GB/s | " + " | ".join(KERNELS) + " |",
-             "|---:|---|---:|---:|" + "---:|" * len(KERNELS)]
+    lines = ["| threads | weight | rows | sum GB/s | " + " | ".join(KERNELS) + " | chosen |",
+             "|---:|---|---:|---:|" + "---:|" * len(KERNELS) + "---|"]
     for count in sorted({threads, 1}, reverse=True):
         torch.set_num_threads(count)
         bandwidth = read_bandwidth() / 1e9
         for out_features, rows in [(1536, 1), (1536, 2), (1536, 4), (1536, 8), (4608, 2), (4608, 20)]:
             rates = kernel_read_rates(out_features, rows)
+            linear = torch.nn.Linear(1536, out_features)
+            fast_product(linear, rows)
+            chosen = kernel_choices()[describe(shape_key(linear.weight, rows))]
             lines.append(f"| {count} | {out_features}x1536 | {rows} | {bandwidth:.1f} | "
-                         + " | ".join(f"{rates[name]:.1f}" for name in KERNELS) + " |")
+                         + " | ".join(f"{rates[name]:.1f}" for name in KERNELS) + f" | {chosen} |")
     torch.set_num_threads(threads)
     return "\n".join(lines)
 
@@ -245,6 +267,7 @@ def measure_config(name: str) -> dict:
         out["product_read_gb_s"] = product_read_rates(net)
         for impl, read in bytes_read_per_evaluation(net, out["head_evaluations"]).items():
             out["implementations"][impl]["head_bytes_per_evaluation"] = read
+    out["kernels"] = kernel_record()
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
@@ -275,6 +298,9 @@ def tables(results: list[dict]) -> str:
                 lines.append(f"| {impl} | {m['head_ms_per_evaluation']:.1f} | "
                              f"{r['floor_ms_per_evaluation'] / m['head_ms_per_evaluation']:.0%} | {read / 1e6:.0f} | "
                              f"{read / m['head_ms_per_evaluation'] / 1e6:.1f} |")
+    chosen = [line for r in results for line in kernel_lines(r)]
+    if chosen:
+        lines += ["", *chosen]
     return "\n".join(lines)
 
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import KERNEL_NAMES, Product, choose_kernel, forced_kernel
+
 TIME_FREQUENCIES = 256
 
 
@@ -127,8 +129,6 @@ class FlowHead(nn.Module):
         return (squared_error.mean(dim=1) * weights).sum() / weights.sum()
 
 
-Product = Callable[[torch.Tensor], torch.Tensor]  # x (rows, in) -> (rows, out)
-FEW_ROWS = range(2, 5)  # row counts for which `column_linear` beats F.linear on CPU (float32, MKL)
 # Below this a product's work is a few microseconds: call overhead and waking threads dominate, so
 # such weights keep F.linear (fast_product) and models made only of them run on one thread (decode.py).
 SMALL_WEIGHT_BYTES = 2 * 2**20
@@ -138,16 +138,17 @@ def column_linear(x: torch.Tensor, weight: torch.Tensor, bias_column: torch.Tens
     """x (rows, in) -> (rows, out), computed as weight @ x.T + bias into an (out, rows) result
     (returned as its transposed view); bias_column is the bias as (out, 1).
 
-    For 2-4 float32 rows MKL reads the weight this way ~3x faster than in F.linear's (rows, in)
-    x (in, out) form, at 52-72 % of a plain read's bandwidth (benchmarks/README.md). x.T must
-    be a transposed view of a row-major x: a row-major (in, rows) operand takes MKL's slow path.
+    For 2-4 float32 rows MKL read the weight this way ~3x faster than in F.linear's (rows, in)
+    x (in, out) form on an AMD EPYC (benchmarks/README.md); fast_product times it per shape.
+    x.T must be a transposed view of a row-major x: a row-major (in, rows) operand takes MKL's
+    slow path.
     """
     return torch.addmm(bias_column, weight, x.contiguous().T).T
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear through oneDNN, x (rows, in) -> (rows, out): where MKL's float32 kernels are
-    slow (AMD CPUs) it reads the weights ~2x faster for 1 or 5+ rows."""
+    """F.linear through oneDNN, x (rows, in) -> (rows, out): on an AMD EPYC it read the weights
+    ~2x faster than MKL's F.linear for 1 or 5+ rows; fast_product times it per shape."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -179,21 +180,30 @@ def addmm_rows(x: torch.Tensor, bias: torch.Tensor, weight_t: torch.Tensor) -> t
     return torch.addmm(bias, x, weight_t)
 
 
+def candidate_products(linear: nn.Linear) -> dict[str, Product]:
+    """The product kernels fast_product chooses among, by their NEXTSTEP_CPU_KERNEL names (a
+    linear with bias): F.linear, column_linear, and oneDNN's linear where this build has it."""
+    candidates = {"linear": exact_product(linear),
+                  "columns": partial(column_linear, weight=linear.weight, bias_column=linear.bias[:, None])}
+    if ONEDNN:
+        candidates["onednn"] = partial(onednn_linear, weight=linear.weight, bias=linear.bias)
+    return candidates
+
+
 def fast_product(linear: nn.Linear, rows: int) -> Product:
-    """x (rows, in) -> linear(x) with the quickest kernel measured on CPU for this weight and
-    row count: column_linear for 2-4 rows, oneDNN otherwise; F.linear for small weights, other
-    dtypes than float32, other devices and linears without bias. Rounding differs from
-    F.linear (~1e-6 relative)."""
+    """x (rows, in) -> linear(x) with the kernel that was quickest for this weight's shape and
+    row count when this process first timed it (kernels.choose_kernel; NEXTSTEP_CPU_KERNEL
+    forces one); F.linear, untimed, for small weights, other dtypes than float32, other
+    devices and linears without bias. Rounding differs from F.linear (~1e-6 relative)."""
+    # a bad NEXTSTEP_CPU_KERNEL is refused whatever the weights
+    forced_kernel(name for name in KERNEL_NAMES if ONEDNN or name != "onednn")
     weight = linear.weight
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or linear.bias is None:
         return exact_product(linear)
     if weight.numel() * weight.element_size() < SMALL_WEIGHT_BYTES:
         return exact_product(linear)
-    if rows in FEW_ROWS:
-        return partial(column_linear, weight=weight, bias_column=linear.bias[:, None])
-    if ONEDNN:
-        return partial(onednn_linear, weight=weight, bias=linear.bias)
-    return exact_product(linear)
+    candidates = candidate_products(linear)
+    return candidates[choose_kernel(weight, linear.bias, rows, candidates)]
 
 
 def per_step_modulation(linear: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -221,9 +231,9 @@ class TokenHead:
     steps. With `exact=True` each step's modulation is its own (rows, dim) product, as in the
     net, and every product is F.linear, so the results are the net's bits. `exact=False`
     computes all steps' modulations in one (steps * rows, dim) product, reading each AdaLN
-    weight once per token instead of once per step, and gives every large weight the quickest
-    product kernel for its row count (`fast_product`: on CPU in float32 the weights are read
-    2-3x faster than by F.linear). Float rounding differs: ~1e-6 relative per product.
+    weight once per token instead of once per step, and gives every large weight the product
+    kernel measured quickest for its shape and row count (`fast_product`; on CPU in float32).
+    Float rounding differs: ~1e-6 relative per product.
 
     Shapes: condition (rows, cond_dim); x (rows, token_dim); step i indexes `times`.
     """
