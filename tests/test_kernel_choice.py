@@ -245,3 +245,28 @@ def test_the_kernel_table_names_the_chosen_kernel(monkeypatch):
     assert len(body) == 6 * len({torch.get_num_threads(), 1})
     assert all(row.endswith("| columns |") and "| 20.0 | " in row for row in body)
     assert len(kernel_choices()) == len(body)
+
+
+def test_every_timed_call_reads_its_weight_after_the_caches_were_flushed(monkeypatch):
+    """evict_caches runs before each call (warm-ups too), outside the timed span."""
+    now, events = [0], []
+    monkeypatch.setattr(kernels, "CLOCK", lambda: now[0])
+    monkeypatch.setattr(kernels, "evict_caches", lambda: events.append("evict"))
+    monkeypatch.setattr(kernels, "WARMUPS", 1)
+    monkeypatch.setattr(kernels, "REPEATS", 3)
+    monkeypatch.setattr(kernels, "BUDGET_S", 100)
+
+    def product(x):
+        events.append("call")
+        now[0] += 2
+
+    assert kernels.time_product(product, None) == 2
+    assert events == ["evict", "call"] * 4
+
+
+def test_the_largest_cache_is_read_from_linux_cache_listing(tmp_path):
+    for index, size in (("index0", "48K"), ("index2", "1024K"), ("index3", "32768K")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(size + "\n")
+    assert kernels.largest_cache_bytes(str(tmp_path)) == 32 * 2**20
+    assert kernels.largest_cache_bytes(str(tmp_path / "missing")) is None

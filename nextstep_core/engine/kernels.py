@@ -9,9 +9,11 @@ shape is used in a process, each candidate that agrees with F.linear on that sha
 float32 rounding, `agrees`) is run on a (rows, in) input against the real weight, a few warm-up
 calls and then the least of a few timed calls, and the winner's name is cached for the process
 (tens of milliseconds per shape for the head's weights). `kernel_choices()` reports the cache.
-A limit of timing one weight: it is read again and again, so where it fits the CPU's caches it
-is timed from them, while the head streams all its weights (~600 MB) from memory; the head's
-smaller weights (1536 x 1536, 9 MB) can rank by cached speed.
+A weight read again and again would be timed from the CPU's caches where it fits them (the
+head's 1536 x 1536 weights, 9 MB), while the head streams all its weights (~600 MB) from
+memory, and kernels rank differently there; so before each timed call a scratch buffer twice the
+size of the CPU's largest cache (`evict_caches`; 128 MiB where Linux does not say) is read,
+which pushes the weight out, and every candidate is timed reading from memory.
 
 Each kernel rounds differently (~1e-6 relative), so `exact=False` results can differ in their
 last bits between processes that chose differently. NEXTSTEP_CPU_KERNEL=linear|columns|onednn
@@ -23,6 +25,7 @@ devices, linears without bias) keep F.linear whatever it says.
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 import time
@@ -97,12 +100,41 @@ def agrees(product: Product, x: torch.Tensor, expected: torch.Tensor, bound: tor
     return out.shape == expected.shape and bool(((out.double() - expected.double()).abs() <= bound).all())
 
 
+def largest_cache_bytes(folder: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
+    """The size of the CPU's largest cache in bytes, as Linux lists it (None elsewhere)."""
+    sizes = []
+    for entry in glob.glob(os.path.join(folder, "index*", "size")):
+        try:
+            text = open(entry).read().strip().upper()
+        except OSError:
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        number, unit = (text[:-1], units[text[-1]]) if text and text[-1] in units else (text, 1)
+        if number.isdigit():
+            sizes.append(int(number) * unit)
+    return max(sizes, default=None)
+
+
+SCRATCH: list[torch.Tensor] = []  # the eviction buffer, made on the first timing of the process
+
+
+def evict_caches() -> None:
+    """Read a float32 buffer twice the largest cache's size (128 MiB if unknown; 32-512 MiB),
+    so that what a timed call reads next comes from memory (a few ms)."""
+    if not SCRATCH:
+        cache = largest_cache_bytes() or 64 * 2**20
+        SCRATCH.append(torch.ones(min(max(2 * cache, 32 * 2**20), 512 * 2**20) // 4))
+    SCRATCH[0].sum()
+
+
 def time_product(product: Product, x: torch.Tensor) -> float:
-    """Seconds of one call of product(x): WARMUPS untimed calls, then the least of up to REPEATS
-    timed calls, fewer (at least one) once all calls so far took BUDGET_S. Tens of milliseconds
-    per candidate at most for the head's weights (a 28 MB weight is read in 1-3 ms)."""
+    """Seconds of one call of product(x) reading its weight from memory (`evict_caches` before
+    each call, untimed): WARMUPS untimed calls, then the least of up to REPEATS timed calls, fewer
+    (at least one) once the timed and warm-up calls took BUDGET_S. Tens of milliseconds per
+    candidate at most for the head's weights (a 28 MB weight is read in 1-3 ms)."""
     spent, best, timed = 0.0, math.inf, 0
     for call in range(WARMUPS + REPEATS):
+        evict_caches()
         started = CLOCK()
         product(x)
         seconds = CLOCK() - started
