@@ -26,7 +26,14 @@ sys.path.insert(0, str(REPO))  # nextstep_core, for the example pictures
 
 from comfy_harness import PACK_NAME, ComfyServer  # noqa: E402
 from workflow_convert import extra_values, input_specs, is_widget  # noqa: E402
-from workflow_examples import MASKED_SCENE, SCENE, run_for_thumbnail, write_example_inputs  # noqa: E402
+from workflow_examples import (  # noqa: E402
+    CHAIN_SCENE,
+    MASKED_SCENE,
+    SCENE,
+    held_out_chain,
+    run_for_thumbnail,
+    write_example_inputs,
+)
 
 OUT = REPO / "workflows"  # and OUT/input: the example pictures the workflows load
 COLUMN = 420
@@ -88,18 +95,18 @@ WORKFLOWS = {
         "title": "NextStep: three edit passes in a chain",
         "note": "Each pass edits the previous pass's LATENT as it is (no decode to pixels and encode back between "
                 "passes, so nothing blurs on the way), and every pass is saved. The picture is encoded once, by "
-                "NextStep VAE Encode. Runs on the demo model; for real pictures load NextStep-1-Large-Edit (see the "
-                "edit workflow for where its files go) and write real instructions. Seeds are fixed so that "
-                "changing one instruction re-runs only that pass and the ones after it.",
+                "NextStep VAE Encode. Runs on the demo model: the scene and the three instructions are the first "
+                "chain of the demo model's held-out chains, with the seeds its evaluation uses for them "
+                "(1000, 2000, 3000). For real pictures load NextStep-1-Large-Edit (see the edit workflow for where "
+                "its files go) and write real instructions. Seeds are fixed so that changing one instruction re-runs "
+                "only that pass and the ones after it.",
         "run": True,
         "nodes": [
             (1, "NextStepModelLoader", (0, 0), {"model_name": "nextstep-demo", **LOADER}),
-            (2, "LoadImage", (0, 1), {"image": SCENE}),
+            (2, "LoadImage", (0, 1), {"image": CHAIN_SCENE}),
             (12, "NextStepVAEEncode", (0, 2), {}),
-            (3, "NextStepEditImage", (1, 0), {"instruction": "make the red circle green", "seed": 1}, "fixed"),
-            (4, "NextStepEditImage", (2, 0), {"instruction": "add a small yellow triangle at the top right",
-                                              "seed": 2}, "fixed"),
-            (5, "NextStepEditImage", (3, 0), {"instruction": "remove the blue square", "seed": 3}, "fixed"),
+            *[(3 + p, "NextStepEditImage", (1 + p, 0), {"instruction": instruction, "seed": 1000 * (p + 1)}, "fixed")
+              for p, (instruction, _) in enumerate(held_out_chain()[1])],
             (6, "NextStepVAEDecode", (1, 2), {}),
             (7, "NextStepVAEDecode", (2, 2), {}),
             (8, "NextStepVAEDecode", (3, 2), {}),

@@ -14,6 +14,16 @@ SCENE_PROMPT = "a large red circle on the left and a small blue square at the bo
 SCENE = "NextStep_demo_scene.png"
 MASKED_SCENE = "NextStep_demo_scene_masked.png"
 MASKED_BOX = (32, 32, 64, 64)  # left, top, right, bottom: the bottom right 2x2 tokens, around the blue square
+CHAIN_SCENE = "NextStep_demo_chain_scene.png"
+
+
+def held_out_chain():
+    """The chain workflow's scene and its three (instruction, scene after it) passes: the first
+    held-out chain of `evaluate --chains` (edit_eval.held_out_chains), taken as it comes, not
+    picked by how the model does on it."""
+    from nextstep_core.demo.edit_eval import held_out_chains
+
+    return held_out_chains(1)[0]
 
 
 def scene_picture():
@@ -24,8 +34,11 @@ def scene_picture():
 
 
 def write_example_inputs(folder: Path) -> None:
-    """SCENE (RGB) and MASKED_SCENE (RGBA, alpha 0 inside MASKED_BOX) into `folder`."""
+    """SCENE (RGB), MASKED_SCENE (RGBA, alpha 0 inside MASKED_BOX) and CHAIN_SCENE (the held-out
+    chain's scene, RGB) into `folder`."""
     from PIL import Image
+
+    from nextstep_core.demo.scenes import render
 
     folder.mkdir(parents=True, exist_ok=True)
     picture = scene_picture()
@@ -35,6 +48,7 @@ def write_example_inputs(folder: Path) -> None:
     masked = picture.convert("RGBA")
     masked.putalpha(alpha)
     masked.save(folder / MASKED_SCENE)
+    render(held_out_chain()[0]).save(folder / CHAIN_SCENE)
 
 
 def panel(image, side: int):
