@@ -73,7 +73,8 @@ def configurations(floor: int) -> dict[str, dict]:
     for w in (2, 3, 4):
         configs[f"w{w}_above"] = dict(parallel_window=w, row_start="above")
     configs["anneal"] = dict(head_steps_floor=floor)
-    configs["w2_anneal"] = dict(parallel_window=2, head_steps_floor=floor)
+    for w in (2, 3, 4):
+        configs[f"w{w}_anneal"] = dict(parallel_window=w, head_steps_floor=floor)
     return configs
 
 

@@ -125,13 +125,14 @@ def test_forward_passes_on_square_and_non_square_grids(pipe_1_1):
             assert result.head_evaluations == rows * cols * 2
 
 
-def oracle_tokens(pipe, prompts, kw, window, row_start):
+def oracle_tokens(pipe, prompts, kw, window, row_start, floor=None):
     """Every token from scratch: for slot s, one decoder forward (over the prefill's cache, copied)
     of every earlier token at its raster position, each seeing the earlier slots decided no
     later than itself, and then s's query (the real token s - 1, or at a row start before the
     row above is done the placeholder: a copy of the row above's newest token or of the token
     right above seeing itself, or a zero input that does not), seeing the slots decided before
-    step t(s)."""
+    step t(s). With a floor (annealed head steps), s takes the steps of the latest slot decided
+    at its step, using the first of the noise blocks drawn, in raster order, for its own steps."""
     model, version = pipe.model, pipe.version
     cols, rows = kw["width"] // 16, kw["height"] // 16
     n, w = rows * cols, effective_window(window, cols)
@@ -142,14 +143,20 @@ def oracle_tokens(pipe, prompts, kw, window, row_start):
     branches, length = prompt_rows.branches, prompt_mask.shape[1]
     images = len(prompts) * kw["num_images"]
     settings = pipe.sampler_settings(steps=kw["steps"])
-    sampler = prepare_sampler(settings)
     generator = torch.Generator().manual_seed(kw["seed"])
     shared = version.shared_noise_across_prompts
     state_dtype = torch.float32 if version.noise_in_float32 else pipe.dtype
 
-    def noise():
+    def sampler_of(steps):
+        return prepare_sampler(SamplerSettings(settings.name, steps, settings.shift, settings.noise_level))
+
+    def draw():
         block = torch.randn((kw["num_images"] if shared else images, 64), generator=generator, dtype=state_dtype)
         return block.repeat(len(prompts), 1) if shared else block
+
+    own = [annealed_steps(s, n, kw["steps"], floor) for s in range(n)]
+    taken = [min(own[t] for t in range(n) if step[t] == step[s]) for s in range(n)]  # the pass's latest slot
+    blocks = [[draw() for _ in range(count_noise_draws(sampler_of(own[s])))] for s in range(n)]
 
     tokens = torch.zeros(images, n, 64, dtype=pipe.dtype)
     for s in range(n):
@@ -177,8 +184,10 @@ def oracle_tokens(pipe, prompts, kw, window, row_start):
                                  cache=copy.deepcopy(cache), use_cache=True)
             hidden = out.last_hidden_state[:, -1]
         cfg, _ = guidance_scales(s, n, kw["cfg"], 1.0, kw["cfg_schedule"], version.rising_linear_schedule)
+        drawn = iter(blocks[s])
         token = sample_token(model.image_head.net, model.head_condition(hidden, s), branches=branches, cfg=cfg,
-                             cfg_img=1.0, sampler=sampler, noise=noise, state_dtype=state_dtype)
+                             cfg_img=1.0, sampler=sampler_of(taken[s]), noise=drawn.__next__,
+                             state_dtype=state_dtype)
         tokens[:, s] = normalize_token(token) if pipe.version.use_norm else token
     return tokens
 
@@ -196,6 +205,31 @@ def test_rows_in_parallel_equal_the_from_scratch_oracle_in_float64(pipe_name, wi
         sequential = pipe.generate(PROMPTS, **T2I).tokens
     assert_float64_agree(fast, oracle)
     assert (fast - sequential).abs().max() > 1e-3 * sequential.abs().max()  # the window does change the image
+
+
+@pytest.mark.parametrize("pipe_name", ["pipe_1_0", "pipe_1_1"])
+@pytest.mark.parametrize("window", [1, 2])
+def test_annealed_rows_in_parallel_equal_the_oracle_one_head_batch_per_pass(pipe_name, window, request,
+                                                                            monkeypatch):
+    """Annealed head steps with several rows per pass: every token of a pass takes the step count
+    of the pass's latest slot, in one head batch, with the first of its own noise blocks."""
+    pipe = request.getfixturevalue(pipe_name)
+    kw = {**T2I, "steps": 6}
+    batches = []
+    original = parallel.ParallelDecoder.groups_of
+    monkeypatch.setattr(parallel.ParallelDecoder, "groups_of",
+                        lambda self, sampled: batches.append(original(self, sampled)) or batches[-1])
+    with in_float64(pipe.model):
+        fast = pipe.generate(PROMPTS, parallel_window=window, head_steps_floor=2, **kw)
+        passes = list(batches)  # this generation's
+        oracle = oracle_tokens(pipe, PROMPTS, kw, window, "copy", floor=2)
+        per_token = pipe.generate(PROMPTS, parallel_window=window, **kw).tokens
+    assert_float64_agree(fast.tokens, oracle)
+    assert len(passes) == fast.forward_passes and all(len(b) == 1 for b in passes)
+    assert any(count > 1 for (_, count), in passes)
+    steps_taken = [steps for (steps, _), in passes]
+    assert steps_taken == sorted(steps_taken, reverse=True) and steps_taken[-1] == 2 < steps_taken[0]
+    assert (fast.tokens - per_token).abs().max() > 1e-3 * per_token.abs().max()  # fewer steps do change it
 
 
 @pytest.mark.parametrize("pipe_name", ["pipe_1_0", "pipe_1_1"])
@@ -257,7 +291,12 @@ def test_annealed_schedule_and_its_head_evaluations(pipe_1_0, pipe_1_1):
         for window in (0, 2):
             result = pipe.generate(PROMPTS, parallel_window=window, head_steps_floor=3, sampler=sampler,
                                    **{**T2I, "steps": 8})
-            assert result.head_evaluations == per_step * sum(annealed_steps(s, 12, 8, 3) for s in range(12))
+            batches = [[q.sample for q in p.queries if q.sample is not None] for p in plan_passes((3, 4), window,
+                                                                                                [False] * 12)]
+            taken = annealed_steps(0, 12, 8, 3) + sum(len(b) * annealed_steps(max(b), 12, 8, 3) for b in batches if b)
+            assert result.head_evaluations == per_step * taken  # per pass: its latest slot's steps
+            if window == 0:
+                assert taken == sum(annealed_steps(s, 12, 8, 3) for s in range(12))
             assert result.head_evaluations < 12 * 8 * per_step
     full = pipe_1_1.generate(PROMPTS, head_steps_floor=3, exact=False, **T2I)  # floor = steps: all steps
     assert torch.equal(full.tokens, pipe_1_1.generate(PROMPTS, exact=False, **T2I).tokens)

@@ -21,10 +21,11 @@ query per pass, the sequential order.
   draw per stochastic step; given tokens draw nothing), whatever the pass that samples it. So
   a seed gives the same noise per token at every window, and at w >= W the very tokens of the
   sequential loop's static-cache path (bit for bit on the CPU).
-- Annealed head steps (head_steps_floor): token s takes annealed_steps(s) steps of the same
-  sampler; tokens of one pass with different step counts are sampled as separate head batches.
+- Annealed head steps (head_steps_floor): a pass's tokens take annealed_steps of its latest
+  slot (one token per pass: that token's own count), all in one head batch; noise is still
+  drawn for each slot's own count, and a token uses the first of its blocks.
 - Captured steps (graphs.py KeyedGraphs): one capture per pass shape, i.e. per (queries,
-  (steps, tokens) of each head batch); every value that changes between passes is in buffers.
+  (steps, tokens) of the head batch); every value that changes between passes is in buffers.
 - Progress: once per pass, with the number of tokens decided; the tokens handed over are the
   longest raster prefix decided so far (it can be shorter than that number).
 """
@@ -169,15 +170,12 @@ class ParallelDecoder:
 
     # -- one pass -----------------------------------------------------------------------
     def groups_of(self, sampled: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-        """Consecutive runs of equal step counts among the sampled slots: ((steps, count), ...)."""
-        groups: list[list[int]] = []
-        for slot in sampled:
-            steps = self.steps_of(slot)
-            if groups and groups[-1][0] == steps:
-                groups[-1][1] += 1
-            else:
-                groups.append([steps, 1])
-        return tuple((s, c) for s, c in groups)
+        """The pass's head batch, ((steps, count),), or () when it samples nothing: every token of
+        a pass takes the step count of its latest slot (the fewest), so one head batch samples
+        them all and each token's noise blocks (drawn for its own count) suffice."""
+        if not sampled:
+            return ()
+        return ((self.steps_of(max(sampled)), len(sampled)),)
 
     def pass_buffers(self, queries: int, groups) -> PassBuffers:
         key = (queries, groups)
@@ -199,7 +197,8 @@ class ParallelDecoder:
                                           self.version.rising_linear_schedule) for s in slots]
                 table = torch.tensor(scales, dtype=torch.float32).T.repeat_interleave(self.images, dim=1)
                 group["scales"].copy_(table[..., None])
-            blocks = [self.draw_noise(s, given) for s in slots]  # per slot: draws x (images, D)
+            draws = self.noise_draws(group["steps"])  # the first blocks of each slot's own draws
+            blocks = [self.draw_noise(s, given)[:draws] for s in slots]  # per slot: draws x (images, D)
             noise = torch.stack([torch.cat([b[i] for b in blocks]) for i in range(len(blocks[0]))])
             group["noise"].copy_(noise)
             self.head_evaluations += count * self.sampler(group["steps"]).head_evaluations
