@@ -192,3 +192,19 @@ def test_vae_with_a_different_patch_normalisation(model_copy):
     (model_copy / "vae" / "config.json").write_text(json.dumps(vae_config))
     with pytest.raises(NextStepError, match="normalises 4x4 patches but the model's tokens are 2x2 patches"):
         NextStepPipeline.from_folder(model_copy)
+
+
+def test_a_transformers_whose_decoder_takes_no_cache_argument_is_refused(tiny_model_1_1, monkeypatch):
+    """Before transformers 5.24 the Qwen2 decoder took `past_key_values=`; our `cache=` would land
+    in its **kwargs unused and every step would run without its KV cache."""
+    from nextstep_core.engine import model as model_module
+
+    def forward_before_5_24(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                            inputs_embeds=None, use_cache=None, **kwargs):
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(model_module.Qwen2Model, "forward", forward_before_5_24)
+    with pytest.raises(NextStepError, match=r"^transformers \S+ is installed, and its Qwen2 decoder does not take "
+                                            r"the KV cache as `cache=`: NextStep needs transformers 5\.24 or newer "
+                                            r"\(pip install -U 'transformers>=5\.24,<6'\)$"):
+        NextStepPipeline.from_folder(tiny_model_1_1)

@@ -11,9 +11,11 @@ inside the patch (c, p, q), tokens in raster order over the token grid (rows, co
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
+import transformers
 from accelerate import init_empty_weights
 from torch import nn
 from transformers import Qwen2Config, Qwen2Model
@@ -71,6 +73,16 @@ def qwen2_config(config: NextStepConfig) -> Qwen2Config:
     return qwen
 
 
+def check_decoder_api() -> None:
+    """Refuse a transformers whose Qwen2Model does not take the KV cache as `cache=` (before 5.24
+    it was `past_key_values=`, and a `cache=` there is swallowed by **kwargs: every step would
+    run without its cache and give a wrong image, silently)."""
+    if "cache" not in inspect.signature(Qwen2Model.forward).parameters:
+        raise NextStepError(f"transformers {transformers.__version__} is installed, and its Qwen2 decoder does not "
+                            "take the KV cache as `cache=`: NextStep needs transformers 5.24 or newer "
+                            "(pip install -U 'transformers>=5.24,<6')")
+
+
 class NextStepModel(nn.Module):
     """Decoder + projectors + flow head.
 
@@ -81,6 +93,7 @@ class NextStepModel(nn.Module):
     def __init__(self, config: NextStepConfig, head_dim: int = 1536, head_layers: int = 12, lm_head: bool = True,
                  position_table: bool | None = None):
         super().__init__()
+        check_decoder_api()
         self.config = config
         hidden = config.hidden_size
         self.backbone = Qwen2Model(qwen2_config(config))
