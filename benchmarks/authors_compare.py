@@ -101,6 +101,19 @@ def child_env(cpu: str) -> dict[str, str]:
     return env
 
 
+def authors_env(env: dict[str, str], pythonpath: str | None) -> dict[str, str]:
+    """The authors' process's environment: ours, with --authors-pythonpath as its PYTHONPATH when given."""
+    return env if pythonpath is None else {**env, "PYTHONPATH": pythonpath}
+
+
+def versions(env: dict[str, str]) -> dict:
+    """The library versions a process started with `env` finds (read from their metadata, untimed)."""
+    probe = ("import importlib.metadata as m, json, sys; print(json.dumps({'python': sys.version.split()[0], "
+             "**{n: m.version(n) for n in ('torch', 'transformers', 'diffusers')}}))")
+    return json.loads(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                                     check=True).stdout)
+
+
 def cpu_facts(cpu: str, env: dict[str, str]) -> dict:
     """What torch sees under `env` (a separate, untimed process), and the CPU's name and flags."""
     probe = ("import json, torch; print(json.dumps({'capability': torch.backends.cpu.get_cpu_capability(), "
@@ -186,10 +199,11 @@ def measure(args, model: Path, vae: Path, code: Path, work: Path, env: dict[str,
     out_dir = work / "images"
     out_dir.mkdir(exist_ok=True)
     pairs = []  # wall time of each (ours, authors) pair, warm-ups included
+    envs = {"ours": env, "authors": authors_env(env, args.authors_pythonpath)}
     for _ in range(args.warmup):  # untimed: the first process of each pays for cold files
         started = time.perf_counter()
-        for command in commands(args, model, vae, code, out_dir, 0).values():
-            timed(command, env, ROOT)
+        for who, command in commands(args, model, vae, code, out_dir, 0).items():
+            timed(command, envs[who], ROOT)
         pairs.append(time.perf_counter() - started)
     times = {"ours": [], "authors": []}
     for k in range(args.repeats):
@@ -197,7 +211,7 @@ def measure(args, model: Path, vae: Path, code: Path, work: Path, env: dict[str,
             args.stopped = f"after {k} of {args.repeats} repeats: one more would end past --budget-seconds"
             break
         for who, command in commands(args, model, vae, code, out_dir, k).items():
-            times[who].append(timed(command, env, ROOT))
+            times[who].append(timed(command, envs[who], ROOT))
             if not args.quiet:
                 print(f"{who:8s} run {k + 1}/{args.repeats}: {times[who][-1]:.2f} s", file=sys.stderr)
         pairs.append(times["ours"][-1] + times["authors"][-1])
@@ -207,6 +221,7 @@ def measure(args, model: Path, vae: Path, code: Path, work: Path, env: dict[str,
     report = json.loads((out_dir / "authors_0.json").read_text())
     return {"ours": ours, "authors": authors, "ratio_min": round(ratio_min, 3), "ratio_median": round(ratio_median, 3),
             "target": TARGET, "met": ratio_median <= TARGET, "images": compare_images(out_dir, len(times["ours"])),
+            "versions": {who: versions(e) for who, e in envs.items()},
             "authors_glue": {k: report[k] for k in ("stand_ins", "bridged", "compile")},
             "authors_in_process_s": {k: round(v, 3) for k, v in report["in_process_s"].items()}}
 
@@ -217,6 +232,9 @@ def parse_args(argv=None):
     parser.add_argument("--authors-code", metavar="DIR",
                         help="a folder holding the authors' nextstep/ package, made earlier with --bundle-code, "
                              "used instead of extracting it from --authors-repo (no git needed)")
+    parser.add_argument("--authors-pythonpath", metavar="PATHS",
+                        help="PYTHONPATH of the authors' process alone (default: ours, inherited); the "
+                             "versions each process finds are recorded")
     parser.add_argument("--bundle-code", metavar="DIR",
                         help="only extract the authors' nextstep/ package from --authors-repo into DIR, with "
                              f"{COMMIT_FILE}, for a later --authors-code DIR; then exit")
@@ -252,6 +270,16 @@ def parse_args(argv=None):
     return args
 
 
+def our_commit() -> str | None:
+    """This checkout's commit; where git or .git is missing (the device machine), NEXTSTEP_COMMIT
+    (benchmarks/device_run.sh sets it from the bundle's manifest), else None."""
+    if shutil.which("git") is not None:
+        git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        if git.returncode == 0:
+            return git.stdout.strip()
+    return os.environ.get("NEXTSTEP_COMMIT")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="authors-compare-") as scratch:
@@ -275,8 +303,7 @@ def main(argv=None) -> int:
         cpu = cpu_facts(args.cpu, env)
         model, vae = build_checkpoint(work / "checkpoint")
         result = measure(args, model, vae, code, work, env)
-    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": git.stdout.strip(),
+    result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": our_commit(),
               "command": "python benchmarks/authors_compare.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "cpu": cpu, "settings": {"size": args.size, "steps": args.steps, "cfg": args.cfg, "dtype": "float32",
                                        "seed": args.seed, "prompt": args.prompt,

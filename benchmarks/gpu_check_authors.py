@@ -11,6 +11,11 @@ operations gain little from more threads), asks for as many of warm-up 1 + repea
 passes the rest of the budget on (--budget-seconds), so authors_compare also stops early on the
 times it measures. What it asked for and did is recorded under `plan`. The whole result goes to
 <out stem>_authors.json beside gpu_check's --out; the summary to report["authors_cpu"].
+
+NEXTSTEP_AUTHORS_PYTHONPATH, when set (benchmarks/device_run.sh sets it), is the authors' process's
+PYTHONPATH alone (authors_compare --authors-pythonpath): there it leaves out the transformers wheel
+the bundle carries for our engine, so their code runs on the image's own transformers; the
+versions each process found are recorded under `versions`.
 """
 
 from __future__ import annotations
@@ -96,6 +101,7 @@ def summarize(result: dict) -> dict:
                                                "repeats_identical")},
         "settings": result["settings"], "authors_source": result["authors_source"],
         "authors_in_process_s": result["authors_in_process_s"], "budget": result.get("budget"),
+        "versions": result["versions"],
     }
 
 
@@ -124,6 +130,8 @@ def check(out: Path, dry: bool, elapsed: float, code: Path = CODE, budget: float
         planned["chosen"] = {"warmup": warmup, "repeats": repeats}
         command += ["--warmup", str(warmup), "--repeats", str(repeats), "--budget-seconds", f"{left - SLACK_S:.0f}"]
         timeout = left
+    if os.environ.get("NEXTSTEP_AUTHORS_PYTHONPATH") is not None:
+        command += ["--authors-pythonpath", os.environ["NEXTSTEP_AUTHORS_PYTHONPATH"]]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
     returncode, tail = run_streaming(command, env, timeout)
     if returncode != 0 or not result_path.is_file():
