@@ -316,6 +316,7 @@ def main(argv=None) -> int:
     if args.out:
         path = Path(args.out)
         merged = json.loads(path.read_text()) if path.is_file() else {}
+        path.parent.mkdir(parents=True, exist_ok=True)
         merged.setdefault("runs", {})[cpu["label"]] = result
         path.write_text(json.dumps(merged, indent=2) + "\n")
     print(json.dumps(result, indent=2))
