@@ -59,6 +59,24 @@ def test_authors_cpu_dry_run_with_a_bundled_folder(tmp_path):
     assert whole["ratio_median"] == part["ratio_median"] and whole["authors_commit"] == commit
 
 
+@have_mirror
+def test_budget_seconds_stops_the_repeats_and_says_so(tmp_path):
+    """32x32, 2 steps, warm-up 1, repeats 3 asked with a 1 s budget: the first repeat always runs
+    (a result is needed), the second would end past the budget, so it stops there."""
+    authors_compare.bundle_authors(str(MIRROR), tmp_path / "code")
+    out = tmp_path / "compare.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "authors_compare.py"), "--authors-code",
+                           str(tmp_path / "code"), "--size", "32", "--steps", "2", "--warmup", "1", "--repeats", "3",
+                           "--budget-seconds", "1", "--quiet", "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = next(iter(json.loads(out.read_text())["runs"].values()))
+    assert result["budget"] == {"seconds": 1.0, "repeats_asked": 3,
+                                "stopped": "after 1 of 3 repeats: one more would end past --budget-seconds"}
+    assert result["settings"]["repeats"] == 1 and result["settings"]["warmup"] == 1
+    assert len(result["ours"]["runs_s"]) == len(result["authors"]["runs_s"]) == 1
+
+
 def test_authors_cpu_is_skipped_without_the_code(tmp_path):
     part = gpu_check_authors.check(tmp_path / "gpu_check.json", dry=True, elapsed=0.0, code=tmp_path / "none")
     assert part == {"skipped": f"the authors' code is not in {tmp_path / 'none'} (make it with "
