@@ -107,9 +107,13 @@ def authors_env(env: dict[str, str], pythonpath: str | None) -> dict[str, str]:
 
 
 def versions(env: dict[str, str]) -> dict:
-    """The library versions a process started with `env` finds (read from their metadata, untimed)."""
-    probe = ("import importlib.metadata as m, json, sys; print(json.dumps({'python': sys.version.split()[0], "
-             "**{n: m.version(n) for n in ('torch', 'transformers', 'diffusers')}}))")
+    """The library versions a process started with `env` finds (read from their metadata, untimed;
+    None for one not installed)."""
+    probe = ("import importlib.metadata as m, json, sys\n"
+             "def version(name):\n    try:\n        return m.version(name)\n"
+             "    except m.PackageNotFoundError:\n        return None\n"
+             "print(json.dumps({'python': sys.version.split()[0], "
+             "**{n: version(n) for n in ('torch', 'transformers', 'diffusers')}}))")
     return json.loads(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
                                      check=True).stdout)
 
@@ -200,6 +204,7 @@ def measure(args, model: Path, vae: Path, code: Path, work: Path, env: dict[str,
     out_dir.mkdir(exist_ok=True)
     pairs = []  # wall time of each (ours, authors) pair, warm-ups included
     envs = {"ours": env, "authors": authors_env(env, args.authors_pythonpath)}
+    found = {who: versions(e) for who, e in envs.items()}
     for _ in range(args.warmup):  # untimed: the first process of each pays for cold files
         started = time.perf_counter()
         for who, command in commands(args, model, vae, code, out_dir, 0).items():
@@ -221,7 +226,7 @@ def measure(args, model: Path, vae: Path, code: Path, work: Path, env: dict[str,
     report = json.loads((out_dir / "authors_0.json").read_text())
     return {"ours": ours, "authors": authors, "ratio_min": round(ratio_min, 3), "ratio_median": round(ratio_median, 3),
             "target": TARGET, "met": ratio_median <= TARGET, "images": compare_images(out_dir, len(times["ours"])),
-            "versions": {who: versions(e) for who, e in envs.items()},
+            "versions": found,
             "authors_glue": {k: report[k] for k in ("stand_ins", "bridged", "compile")},
             "authors_in_process_s": {k: round(v, 3) for k, v in report["in_process_s"].items()}}
 

@@ -55,6 +55,9 @@ def test_authors_cpu_dry_run_with_a_bundled_folder(tmp_path):
     # as tests/test_authors_compare.py: the same image to a pixel level's rounding
     assert part["images"]["values"] == 32 * 32 * 3 and part["images"]["max_abs_diff"] <= 1
     assert part["json"] == "gpu_check_authors.json"
+    # no NEXTSTEP_AUTHORS_PYTHONPATH here: both processes find the same libraries
+    assert part["versions"]["ours"] == part["versions"]["authors"]
+    assert all(isinstance(part["versions"]["ours"][name], str) for name in ("torch", "transformers", "diffusers"))
     whole = json.loads((out.parent / "gpu_check_authors.json").read_text())["runs"][cpu["label"]]
     assert whole["ratio_median"] == part["ratio_median"] and whole["authors_commit"] == commit
 
