@@ -6,11 +6,14 @@ the generation and the PNG write all count. Target: ours / authors <= 0.5.
     python benchmarks/authors_compare.py --cpu avx2      # AVX2-only CPU, emulated as in the tests
     python benchmarks/authors_compare.py --cpu native    # this CPU as it is (AMX where it has it)
     python benchmarks/authors_compare.py --dry-run       # 32x32, 2 steps, one run each: does it work
+    python benchmarks/authors_compare.py --bundle-code DIR   # only extract their code into DIR
 
 The authors' code is extracted at run time from a git mirror of stepfun-ai/NextStep-1
 (--authors-repo) into a temporary folder and run from there by benchmarks/authors_pipeline.py
-(their NextStepPipeline.generate_image; the loading glue and version bridges there are ours).
-Nothing of theirs is copied into this repository. Runs alternate (ours, authors, ours, ...) after
+(their NextStepPipeline.generate_image; the loading glue and version bridges there are ours); or,
+on a machine with neither git nor the mirror, taken from a folder extracted earlier with
+--bundle-code (--authors-code; scripts/device_bundle.sh makes one). Nothing of theirs is copied
+into this repository. Runs alternate (ours, authors, ours, ...) after
 one untimed warm-up run of each (--warmup); min and median of the wall times and their ratios go
 to --out (merged under the CPU's label, so both CPUs' runs can share one file), with the pixel
 differences of the two images (max / mean absolute, 0-255).
@@ -34,11 +37,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+STARTED = time.perf_counter()  # the clock of --budget-seconds
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REPO = "/work/.mirror/stepfun-ai+NextStep-1/repo"
 AVX2_ENV = {"NEXTSTEP_TEST_CPU": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 PROMPT = "a red circle on the left"
 TARGET = 0.5
+PIPELINE_FILE = Path("nextstep", "models", "pipeline_nextstep.py")
+COMMIT_FILE = "authors_commit.txt"  # beside nextstep/ in a --bundle-code folder: the mirror's commit
 
 
 class Unavailable(Exception):
@@ -59,9 +65,32 @@ def extract_authors(repo: str, into: Path) -> str:
         raise Unavailable(f"git archive of nextstep/ failed in {repo}: {archive.stderr.decode().strip()[:200]}")
     into.mkdir(parents=True, exist_ok=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
-    if not (into / "nextstep" / "models" / "pipeline_nextstep.py").is_file():
-        raise Unavailable(f"{repo} has no nextstep/models/pipeline_nextstep.py")
+    if not (into / PIPELINE_FILE).is_file():
+        raise Unavailable(f"{repo} has no {PIPELINE_FILE.as_posix()}")
     return head.stdout.strip()
+
+
+def bundle_authors(repo: str, into: Path) -> str:
+    """extract_authors into `into` (emptied first) and write the commit beside nextstep/."""
+    if (into / "nextstep").exists():
+        shutil.rmtree(into / "nextstep")
+    commit = extract_authors(repo, into)
+    (into / COMMIT_FILE).write_text(commit + "\n")
+    return commit
+
+
+def read_bundle(folder: str) -> str | None:
+    """The checks of extract_authors on a folder extracted earlier; returns the commit written
+    beside it by bundle_authors (None when the file is absent)."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise Unavailable(f"no folder at {folder} (--authors-code)")
+    if not (path / PIPELINE_FILE).is_file():
+        raise Unavailable(f"{folder} has no {PIPELINE_FILE.as_posix()} (--authors-code)")
+    commit_file = path / COMMIT_FILE
+    if not commit_file.is_file():
+        return None
+    return commit_file.read_text().strip() or None
 
 
 def child_env(cpu: str) -> dict[str, str]:
@@ -70,6 +99,23 @@ def child_env(cpu: str) -> dict[str, str]:
         env.update(AVX2_ENV)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared cores: no spinning OpenMP threads (README)
     return env
+
+
+def authors_env(env: dict[str, str], pythonpath: str | None) -> dict[str, str]:
+    """The authors' process's environment: ours, with --authors-pythonpath as its PYTHONPATH when given."""
+    return env if pythonpath is None else {**env, "PYTHONPATH": pythonpath}
+
+
+def versions(env: dict[str, str]) -> dict:
+    """The library versions a process started with `env` finds (read from their metadata, untimed;
+    None for one not installed)."""
+    probe = ("import importlib.metadata as m, json, sys\n"
+             "def version(name):\n    try:\n        return m.version(name)\n"
+             "    except m.PackageNotFoundError:\n        return None\n"
+             "print(json.dumps({'python': sys.version.split()[0], "
+             "**{n: version(n) for n in ('torch', 'transformers', 'diffusers')}}))")
+    return json.loads(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                                     check=True).stdout)
 
 
 def cpu_facts(cpu: str, env: dict[str, str]) -> dict:
@@ -147,24 +193,40 @@ def summary(times: list[float]) -> dict:
             "median_s": round(statistics.median(times), 3)}
 
 
+def over_budget(args, pairs: list[float]) -> bool:
+    """--budget-seconds: would one more (ours, authors) pair, as long as the longest so far, end past it?"""
+    return bool(args.budget_seconds and pairs and
+                time.perf_counter() - STARTED + max(pairs) > args.budget_seconds)
+
+
 def measure(args, model: Path, vae: Path, code: Path, work: Path, env: dict[str, str]) -> dict:
     out_dir = work / "images"
     out_dir.mkdir(exist_ok=True)
+    pairs = []  # wall time of each (ours, authors) pair, warm-ups included
+    envs = {"ours": env, "authors": authors_env(env, args.authors_pythonpath)}
+    found = {who: versions(e) for who, e in envs.items()}
     for _ in range(args.warmup):  # untimed: the first process of each pays for cold files
-        for command in commands(args, model, vae, code, out_dir, 0).values():
-            timed(command, env, ROOT)
+        started = time.perf_counter()
+        for who, command in commands(args, model, vae, code, out_dir, 0).items():
+            timed(command, envs[who], ROOT)
+        pairs.append(time.perf_counter() - started)
     times = {"ours": [], "authors": []}
     for k in range(args.repeats):
+        if k and over_budget(args, pairs):
+            args.stopped = f"after {k} of {args.repeats} repeats: one more would end past --budget-seconds"
+            break
         for who, command in commands(args, model, vae, code, out_dir, k).items():
-            times[who].append(timed(command, env, ROOT))
+            times[who].append(timed(command, envs[who], ROOT))
             if not args.quiet:
                 print(f"{who:8s} run {k + 1}/{args.repeats}: {times[who][-1]:.2f} s", file=sys.stderr)
+        pairs.append(times["ours"][-1] + times["authors"][-1])
     ours, authors = summary(times["ours"]), summary(times["authors"])
     ratio_min = ours["min_s"] / authors["min_s"]
     ratio_median = ours["median_s"] / authors["median_s"]
     report = json.loads((out_dir / "authors_0.json").read_text())
     return {"ours": ours, "authors": authors, "ratio_min": round(ratio_min, 3), "ratio_median": round(ratio_median, 3),
-            "target": TARGET, "met": ratio_median <= TARGET, "images": compare_images(out_dir, args.repeats),
+            "target": TARGET, "met": ratio_median <= TARGET, "images": compare_images(out_dir, len(times["ours"])),
+            "versions": found,
             "authors_glue": {k: report[k] for k in ("stand_ins", "bridged", "compile")},
             "authors_in_process_s": {k: round(v, 3) for k, v in report["in_process_s"].items()}}
 
@@ -172,10 +234,22 @@ def measure(args, model: Path, vae: Path, code: Path, work: Path, env: dict[str,
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--authors-repo", default=DEFAULT_REPO, help="git mirror of stepfun-ai/NextStep-1")
+    parser.add_argument("--authors-code", metavar="DIR",
+                        help="a folder holding the authors' nextstep/ package, made earlier with --bundle-code, "
+                             "used instead of extracting it from --authors-repo (no git needed)")
+    parser.add_argument("--authors-pythonpath", metavar="PATHS",
+                        help="PYTHONPATH of the authors' process alone (default: ours, inherited); the "
+                             "versions each process finds are recorded")
+    parser.add_argument("--bundle-code", metavar="DIR",
+                        help="only extract the authors' nextstep/ package from --authors-repo into DIR, with "
+                             f"{COMMIT_FILE}, for a later --authors-code DIR; then exit")
     parser.add_argument("--cpu", choices=["avx2", "native"], default="native",
                         help="avx2: both processes run as on an AVX2-only CPU (ATEN_CPU_CAPABILITY=avx2 "
                              "ONEDNN_MAX_CPU_ISA=AVX2 NEXTSTEP_TEST_CPU=avx2); native: this CPU as it is")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--budget-seconds", type=float,
+                        help="start no further repeat (after the first) that would end past this many seconds "
+                             "from this process's start, judged by the longest pair so far (recorded)")
     parser.add_argument("--warmup", type=int, help="untimed runs of each before the timed ones (default 1; 0 dry)")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=50)
@@ -191,6 +265,7 @@ def parse_args(argv=None):
     parser.add_argument("--dry-run", action="store_true", help="32x32, 2 steps, one run each, no warm-up")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    args.stopped = None
     if args.dry_run:
         args.size, args.steps, args.repeats = 32, 2, 1
     if args.warmup is None:
@@ -200,31 +275,53 @@ def parse_args(argv=None):
     return args
 
 
+def our_commit() -> str | None:
+    """This checkout's commit; where git or .git is missing (the device machine), NEXTSTEP_COMMIT
+    (benchmarks/device_run.sh sets it from the bundle's manifest), else None."""
+    if shutil.which("git") is not None:
+        git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        if git.returncode == 0:
+            return git.stdout.strip()
+    return os.environ.get("NEXTSTEP_COMMIT")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="authors-compare-") as scratch:
         work = Path(args.work) if args.work else Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
         try:
-            commit = extract_authors(args.authors_repo, work / "authors-code")
+            if args.bundle_code:
+                commit = bundle_authors(args.authors_repo, Path(args.bundle_code))
+                print(f"authors' code {commit} from {args.authors_repo} in {args.bundle_code}")
+                return 0
+            if args.authors_code:
+                code, commit = Path(args.authors_code).resolve(), read_bundle(args.authors_code)
+                source = {"from": "--authors-code", "path": str(code), "commit": commit}
+            else:
+                code, commit = work / "authors-code", extract_authors(args.authors_repo, work / "authors-code")
+                source = {"from": "--authors-repo", "path": args.authors_repo, "commit": commit}
         except Unavailable as exc:
             print(f"authors' code unavailable: {exc}", file=sys.stderr)
             return 2
         env = child_env(args.cpu)
         cpu = cpu_facts(args.cpu, env)
         model, vae = build_checkpoint(work / "checkpoint")
-        result = measure(args, model, vae, work / "authors-code", work, env)
-    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": git.stdout.strip(),
+        result = measure(args, model, vae, code, work, env)
+    result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": our_commit(),
               "command": "python benchmarks/authors_compare.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "cpu": cpu, "settings": {"size": args.size, "steps": args.steps, "cfg": args.cfg, "dtype": "float32",
-                                       "seed": args.seed, "prompt": args.prompt, "repeats": args.repeats,
-                                       "warmup": args.warmup, "dry_run": args.dry_run},
+                                       "seed": args.seed, "prompt": args.prompt,
+                                       "repeats": len(result["ours"]["runs_s"]), "warmup": args.warmup,
+                                       "dry_run": args.dry_run},
               "checkpoint": "tiny 1.0 (nextstep_core/demo/tiny.py TinySpec defaults, seed 1)",
-              "authors_commit": commit, **result}
+              "authors_commit": commit, "authors_source": source, **result}
+    if args.budget_seconds:
+        result["budget"] = {"seconds": args.budget_seconds, "repeats_asked": args.repeats, "stopped": args.stopped}
     if args.out:
         path = Path(args.out)
         merged = json.loads(path.read_text()) if path.is_file() else {}
+        path.parent.mkdir(parents=True, exist_ok=True)
         merged.setdefault("runs", {})[cpu["label"]] = result
         path.write_text(json.dumps(merged, indent=2) + "\n")
     print(json.dumps(result, indent=2))

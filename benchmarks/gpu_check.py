@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_14b  # noqa: E402
+import gpu_check_authors  # noqa: E402 - the authors' pipeline on this machine's CPU (issue 25)
 import gpu_check_comfy  # noqa: E402
 import gpu_check_parallel  # noqa: E402 - next-set decoding's part (issue 25)
 from gpu_check_tools import CaptureFailures, Window, error_text, free_memory, max_abs  # noqa: E402
@@ -48,7 +49,7 @@ from nextstep_core.memory.plan import GIB, Request, choose_plan  # noqa: E402
 from nextstep_core.pipeline import GenerationInterrupted, NextStepPipeline  # noqa: E402
 from nextstep_core.sampling.graphs import graph_mode  # noqa: E402
 
-PARTS = ("bandwidth", "tiny", "captions", "shapes", "comfy", "parallel")
+PARTS = ("bandwidth", "tiny", "captions", "shapes", "comfy", "parallel", "authors_cpu")
 CONFIGS = {  # name -> (precision, sampler, steps, block swap from the planner)
     "bf16_sde28": ("bf16", "sde", 28, False),
     "bf16_dpm2m8": ("bf16", "dpm2m", 8, False),
@@ -339,10 +340,10 @@ class Check:
                  "captions": lambda: guarded(report["correctness"], "fp8_vs_bf16_caption_score", self.captions),
                  "shapes": self.shapes, "comfy": lambda: guarded(report, "comfy", lambda: gpu_check_comfy.check(dry)),
                  "parallel": lambda: guarded(report, "parallel_decoding",
-                                             lambda: gpu_check_parallel.measure(device, dry))}
-        for part in PARTS:
-            if part not in parts:
-                continue
+                                             lambda: gpu_check_parallel.measure(device, dry)),
+                 "authors_cpu": lambda: guarded(report, "authors_cpu",
+                                                lambda: gpu_check_authors.check(self.out, dry, self.elapsed()))}
+        for part in (p for p in PARTS if p in parts):  # in PARTS' order: authors_cpu last, on what is left
             started = time.perf_counter()
             try:
                 steps[part]()
@@ -376,9 +377,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      vae_pixels=64) if args.dry_run else
                 dict(budget_seconds=360, tokens=128, split_tokens=64, pass_seconds=20, captions=100, caption_batch=50,
                      vae_pixels=IMAGE))
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    for key in [k for k in defaults if getattr(args, k) is None]:
+        setattr(args, key, defaults[key])
     args.parts = [p for p in args.parts.split(",") if p]
     args.configs = [c for c in args.configs.split(",") if c]
     for name, allowed in (("parts", PARTS), ("configs", CONFIGS)):
@@ -391,8 +391,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    Check(args).run()
+    Check(parse_args(argv)).run()
     return 0
 
 

