@@ -205,7 +205,8 @@ def walltime(pipe, *, size=(128, 128), repeats: int = 5, windows=(0, 2, 3, 4), c
     floor = max(2, pipe.sampler_settings().steps // 3)
     configs = {f"w{w}": dict(parallel_window=w) for w in windows}
     configs["anneal"] = dict(head_steps_floor=floor)
-    configs["w3_anneal"] = dict(parallel_window=3, head_steps_floor=floor)
+    for w in windows[1:3]:
+        configs[f"w{w}_anneal"] = dict(parallel_window=w, head_steps_floor=floor)
     pipe.generate(captions[0], width=size[0], height=size[1], seed=0)  # warm-up: first-call costs
     seconds: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(repeats):

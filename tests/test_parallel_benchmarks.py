@@ -49,7 +49,7 @@ def test_walltime_reports_every_configuration_against_sequential():
 
     report = parallel_decoding.walltime(NextStepPipeline.from_folder(DEMO_MODEL), size=(64, 64), repeats=1,
                                         windows=(0, 2), count=1)
-    names = ["w0", "w2", "anneal", "w3_anneal"]
+    names = ["w0", "w2", "anneal", "w2_anneal"]  # windows[1:3] also annealed
     assert list(report["seconds_per_image"]) == names and list(report["speedup_over_w0"]) == names
     assert all(report["seconds_per_image"][n] > 0 for n in names)
     assert report["speedup_over_w0"]["w0"] == 1.0
