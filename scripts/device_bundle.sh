@@ -8,18 +8,18 @@
 #                       filelock, regex, requests; importlib.metadata is Python 3.12's own);
 #                     Pure-python wheels for CPython 3.12, x86-64.
 #   .device/wheels-ours/  wheels for our engine and gpu_check alone, not for the authors' process:
-#                     - transformers 5.24.0: the image's 5.17.0 is inside requirements.txt's range
-#                       but its decoders take the KV cache as `past_key_values=`, and the engine
-#                       passes `cache=` (the name since 5.24): 5.17 drops it into **kwargs, so
-#                       every step runs without the cache (the static-cache paths fail on the
-#                       mask's shape, the dynamic ones give wrong images; seen in the rehearsal,
-#                       benchmarks/README.md "GPU check"). 5.24.0 is the newest whose needs the
+#                     - transformers 5.24.0: the image's 5.17.0 takes the KV cache as
+#                       `past_key_values=`, and the engine passes `cache=` (the name since 5.24):
+#                       5.17 drops it into **kwargs, so every step would run without the cache
+#                       (seen in the rehearsal, benchmarks/README.md "GPU check"); the engine
+#                       now refuses it in one line and requirements.txt asks for >= 5.24.
+#                       5.24.0 is the newest whose needs the
 #                       image meets (5.25 wants huggingface-hub >= 2.4 and kernels): huggingface-hub
 #                       >= 1.31, tokenizers 0.23.x, safetensors >= 0.8, regex, typer, pyyaml, tqdm.
 #                       The authors' code cannot run on 5.24.0 (it dropped
 #                       transformers.modeling_attn_mask_utils, which 5.25 has again), so their
 #                       process keeps the image's 5.17.0 (device_run.sh); TRANSFORMERS_VERSION=""
-#                       leaves the wheel out once the engine runs on 5.17.
+#                       leaves the wheel out (for an image that already has >= 5.24).
 #   .device/authors/  the authors' nextstep/ package extracted from the git mirror of
 #                     stepfun-ai/NextStep-1 as benchmarks/authors_compare.py extracts it, with
 #                     authors_commit.txt (for its --authors-code); nothing of it is committed.
@@ -34,7 +34,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-/work/main/.venv/bin/python}
 REPO=${AUTHORS_REPO:-/work/.mirror/stepfun-ai+NextStep-1/repo}
 DIFFUSERS=${DIFFUSERS_VERSION:-0.42.1}  # the version the engine's tests run with here
-TRANSFORMERS=${TRANSFORMERS_VERSION:-5.24.0}  # see above: the first with `cache=`
+TRANSFORMERS=${TRANSFORMERS_VERSION-5.24.0}  # see above: the first with `cache=`; set but empty: none
 LIMIT_MIB=48  # of the 64 MiB that may travel: keep room
 
 download() {  # folder, requirement: a pure-python wheel for the device's CPython 3.12
