@@ -32,6 +32,16 @@ def dequantised(layer: Fp8Linear) -> torch.Tensor:
     return table[layer.weight.view(torch.uint8).long()] * layer.weight_scale.double()[:, None]
 
 
+def cpu_scaled_mm() -> bool:
+    """Whether this torch runs torch._scaled_mm on the CPU (2.6 does not; 2.13 does)."""
+    one = torch.ones(16, 16).to(FP8)
+    try:
+        torch._scaled_mm(one, one.t(), scale_a=torch.ones(()), scale_b=torch.ones(()), out_dtype=torch.bfloat16)
+    except NotImplementedError:
+        return False
+    return True
+
+
 def test_fp8_kernel_choice_and_scaled_mm_product(monkeypatch):
     """Where fp8 matmul is available and asked for, the activations are quantised per row to
     e4m3 (scale = row max / 448) and torch._scaled_mm multiplies (torch runs it on the CPU too).
@@ -39,6 +49,7 @@ def test_fp8_kernel_choice_and_scaled_mm_product(monkeypatch):
     bfloat16; n u32 sum |x||w| for float32 accumulation): the upcast path rounds the product, the
     scale, their product and the bias sum to bfloat16 (4 u (|P| + |y|)); the fp8 path computes
     the quantised product exactly up to accumulation, then rounds it and the bias sum (2 u)."""
+    has_cpu_scaled_mm = cpu_scaled_mm()
     torch.manual_seed(0)
     weight, bias, x = torch.randn(96, 256) * 0.05, torch.randn(96) * 0.1, torch.randn(5, 256).bfloat16()
     calls = []
@@ -50,6 +61,10 @@ def test_fp8_kernel_choice_and_scaled_mm_product(monkeypatch):
         y_upcast = upcast(x).double()
         assert not calls  # fp8 matmul not available on this device: upcast
         monkeypatch.setattr(precision, "fp8_matmul_available", lambda device: True)
+        if not has_cpu_scaled_mm:  # older torch has it for CUDA only, where fp8_matmul_available can be true
+            with pytest.raises(NotImplementedError):
+                scaled(x)
+            pytest.skip("this torch has no CPU torch._scaled_mm: the fp8 product is checked on newer torch only")
         y_scaled = scaled(x)
         assert len(calls) == 1 and y_scaled.dtype == torch.bfloat16 and y_scaled.shape == (5, 96)
         assert torch.equal(upcast(x).double(), y_upcast)  # fp8_matmul=False never takes the fp8 kernel

@@ -86,7 +86,11 @@ def test_out_of_memory_and_other_failures_propagate_from_the_capture(fake_cuda, 
 
 def test_a_compile_failure_names_the_setting(pipe_1_1, monkeypatch):
     """torch.compile only wraps; the compiled head fails on its first call, in the token loop."""
-    from torch._inductor.exc import InductorError
+    try:
+        from torch._inductor.exc import InductorError
+    except ImportError:  # torch < 2.7: Inductor's failures reach us as other torch._dynamo exceptions
+        class InductorError(torch._dynamo.exc.TorchDynamoException):
+            pass
 
     def failing_compile(fn, **options):
         def compiled(*args, **kwargs):
