@@ -215,19 +215,19 @@ def test_annealed_rows_in_parallel_equal_the_oracle_one_head_batch_per_pass(pipe
     of the pass's latest slot, in one head batch, with the first of its own noise blocks."""
     pipe = request.getfixturevalue(pipe_name)
     kw = {**T2I, "steps": 6}
-    batches = []
-    original = parallel.ParallelDecoder.groups_of
-    monkeypatch.setattr(parallel.ParallelDecoder, "groups_of",
-                        lambda self, sampled: batches.append(original(self, sampled)) or batches[-1])
+    batches = []  # (head steps, tokens) of every head batch sampled
+    original = parallel.ParallelDecoder.sample
+    monkeypatch.setattr(parallel.ParallelDecoder, "sample", lambda self, hidden, buffers: batches.append(
+        (buffers.steps, buffers.count)) or original(self, hidden, buffers))
     with in_float64(pipe.model):
         fast = pipe.generate(PROMPTS, parallel_window=window, head_steps_floor=2, **kw)
-        passes = list(batches)  # this generation's
+        first, *passes = batches  # this generation's: token 0 (after the prefill), then the passes
         oracle = oracle_tokens(pipe, PROMPTS, kw, window, "copy", floor=2)
         per_token = pipe.generate(PROMPTS, parallel_window=window, **kw).tokens
     assert_float64_agree(fast.tokens, oracle)
-    assert len(passes) == fast.forward_passes and all(len(b) == 1 for b in passes)
-    assert any(count > 1 for (_, count), in passes)
-    steps_taken = [steps for (steps, _), in passes]
+    assert first == (6, 1) and len(passes) == fast.forward_passes  # one head batch per pass
+    assert any(count > 1 for _, count in passes) and sum(count for _, count in passes) == 11
+    steps_taken = [steps for steps, _ in passes]
     assert steps_taken == sorted(steps_taken, reverse=True) and steps_taken[-1] == 2 < steps_taken[0]
     assert (fast.tokens - per_token).abs().max() > 1e-3 * per_token.abs().max()  # fewer steps do change it
 

@@ -24,8 +24,8 @@ query per pass, the sequential order.
 - Annealed head steps (head_steps_floor): a pass's tokens take annealed_steps of its latest
   slot (one token per pass: that token's own count), all in one head batch; noise is still
   drawn for each slot's own count, and a token uses the first of its blocks.
-- Captured steps (graphs.py KeyedGraphs): one capture per pass shape, i.e. per (queries,
-  (steps, tokens) of the head batch); every value that changes between passes is in buffers.
+- Captured steps (graphs.py KeyedGraphs): one capture per pass shape, i.e. per (queries, head
+  steps, tokens sampled); every value that changes between passes is in buffers.
 - Progress: once per pass, with the number of tokens decided; the tokens handed over are the
   longest raster prefix decided so far (it can be shorter than that number).
 """
@@ -74,31 +74,27 @@ class SlotCache:
 
 class PassBuffers:
     """Everything a pass of one shape reads: its fed tokens (queries, images, D), positions,
-    cache slots, mask and, per head batch, the query indices sampled, their raster slots (per
-    head row, for the 1.0 position table), guidance scales and noise."""
+    cache slots, mask and, for its one head batch of `count` sampled tokens (0: none) at `steps`
+    head steps, the query indices sampled, their raster slots (per head row, for the 1.0
+    position table), guidance scales and noise."""
 
-    def __init__(self, decoder: ParallelDecoder, queries: int, groups: tuple[tuple[int, int], ...]):
+    def __init__(self, decoder: ParallelDecoder, queries: int, steps: int, count: int):
         d = decoder
         device = d.device
-        self.queries = queries
+        self.queries, self.steps, self.count = queries, steps, count
         self.tokens_in = torch.zeros(queries, d.images, d.token_dim, dtype=d.dtype, device=device)
         self.positions = torch.zeros(d.rows, queries, dtype=torch.long, device=device)
         self.cache_positions = torch.zeros(queries, dtype=torch.long, device=device)
         self.mask = torch.zeros(d.rows, 1, queries, d.length + d.num_tokens, dtype=torch.bool, device=device)
         self.mask[:, 0, :, : d.length] = d.prompt_mask[:, None, :]
-        self.groups = []
-        for steps, count in groups:
-            n = count * d.images
-            # float32 as the sequential loop's scales, or the state's dtype where that is narrower
-            scale_dtype = torch.float32 if d.state_dtype == torch.float64 else d.state_dtype
-            scales = torch.ones(2, n, 1, dtype=scale_dtype, device=device) if d.varying_scales else None
-            self.groups.append(dict(
-                steps=steps, count=count,
-                index=torch.zeros(count, dtype=torch.long, device=device),
-                slots=torch.zeros(d.branches * n, dtype=torch.long, device=device),
-                scales=scales,
-                noise=torch.zeros(d.noise_draws(steps), n, d.token_dim, dtype=d.state_dtype, device=device),
-            ))
+        n = count * d.images
+        # float32 as the sequential loop's scales, or the state's dtype where that is narrower
+        scale_dtype = torch.float32 if d.state_dtype == torch.float64 else d.state_dtype
+        self.scales = torch.ones(2, n, 1, dtype=scale_dtype, device=device) if d.varying_scales else None
+        self.index = torch.zeros(count, dtype=torch.long, device=device)
+        self.slots = torch.zeros(d.branches * n, dtype=torch.long, device=device)
+        draws = d.noise_draws(steps) if count else 0
+        self.noise = torch.zeros(draws, n, d.token_dim, dtype=d.state_dtype, device=device)
 
 
 class ParallelDecoder:
@@ -169,63 +165,52 @@ class ParallelDecoder:
         return self.noise.pop(slot)
 
     # -- one pass -----------------------------------------------------------------------
-    def groups_of(self, sampled: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-        """The pass's head batch, ((steps, count),), or () when it samples nothing: every token of
-        a pass takes the step count of its latest slot (the fewest), so one head batch samples
-        them all and each token's noise blocks (drawn for its own count) suffice."""
-        if not sampled:
-            return ()
-        return ((self.steps_of(max(sampled)), len(sampled)),)
+    def pass_steps(self, sampled: list[int]) -> int:
+        """The head steps of a pass's tokens: its latest slot's (the fewest), so one head batch
+        samples them all and each token's noise blocks (drawn for its own count) suffice; 0 for
+        a pass that samples nothing."""
+        return self.steps_of(max(sampled)) if sampled else 0
 
-    def pass_buffers(self, queries: int, groups) -> PassBuffers:
-        key = (queries, groups)
+    def pass_buffers(self, queries: int, steps: int, count: int) -> PassBuffers:
+        key = (queries, steps, count)
         if key not in self.buffers:
-            self.buffers[key] = PassBuffers(self, queries, groups)
+            self.buffers[key] = PassBuffers(self, queries, steps, count)
         return self.buffers[key]
 
     def fill_sampling(self, buffers: PassBuffers, query_index: list[int], sampled: list[int], given) -> None:
-        """Write each head batch's query indices, slots, scales and noise for this pass."""
-        request, start = self.request, 0
-        for group in buffers.groups:
-            count = group["count"]
-            slots = sampled[start:start + count]
-            group["index"].copy_(torch.tensor(query_index[start:start + count]))
-            per_row = torch.tensor(slots).repeat_interleave(self.images).repeat(self.branches)
-            group["slots"].copy_(per_row)
-            if group["scales"] is not None:
-                scales = [guidance_scales(s, self.num_tokens, request.cfg, request.cfg_img, request.cfg_schedule,
-                                          self.version.rising_linear_schedule) for s in slots]
-                table = torch.tensor(scales, dtype=torch.float32).T.repeat_interleave(self.images, dim=1)
-                group["scales"].copy_(table[..., None])
-            draws = self.noise_draws(group["steps"])  # the first blocks of each slot's own draws
-            blocks = [self.draw_noise(s, given)[:draws] for s in slots]  # per slot: draws x (images, D)
-            noise = torch.stack([torch.cat([b[i] for b in blocks]) for i in range(len(blocks[0]))])
-            group["noise"].copy_(noise)
-            self.head_evaluations += count * self.sampler(group["steps"]).head_evaluations
-            start += count
+        """Write the head batch's query indices, slots, scales and noise for this pass."""
+        if not sampled:
+            return
+        request = self.request
+        buffers.index.copy_(torch.tensor(query_index))
+        buffers.slots.copy_(torch.tensor(sampled).repeat_interleave(self.images).repeat(self.branches))
+        if buffers.scales is not None:
+            scales = [guidance_scales(s, self.num_tokens, request.cfg, request.cfg_img, request.cfg_schedule,
+                                      self.version.rising_linear_schedule) for s in sampled]
+            table = torch.tensor(scales, dtype=torch.float32).T.repeat_interleave(self.images, dim=1)
+            buffers.scales.copy_(table[..., None])
+        draws = self.noise_draws(buffers.steps)  # the first blocks of each slot's own draws
+        blocks = [self.draw_noise(s, given)[:draws] for s in sampled]  # per slot: draws x (images, D)
+        buffers.noise.copy_(torch.stack([torch.cat([b[i] for b in blocks]) for i in range(draws)]))
+        self.head_evaluations += len(sampled) * self.sampler(buffers.steps).head_evaluations
 
     def sample(self, hidden: torch.Tensor, buffers: PassBuffers) -> torch.Tensor:
-        """Decoder output (rows, queries, hidden) -> the sampled tokens (sampled, images, D)."""
-        out = []
-        b, images = self.branches, self.images
-        for group in buffers.groups:
-            count = group["count"]
-            picked = hidden.index_select(1, group["index"])  # (rows, count, hidden)
-            picked = picked.reshape(b, images, count, -1).permute(0, 2, 1, 3).reshape(b * count * images, -1)
-            if self.model.config.use_gen_pos_embed:
-                picked = picked + self.model.gen_pos_embed[0].index_select(0, group["slots"])
-            condition = self.model.image_out_projector(picked)
-            velocity = self.velocity(group["steps"], count * images)
-            scales = group["scales"]
-            if scales is None:
-                velocity.start_token(condition, self.request.cfg, self.request.cfg_img)
-            else:
-                velocity.start_token(condition, scales[0], scales[1])
-            blocks = iter(group["noise"].unbind(0))
-            token = self.sampler(group["steps"])(velocity, lambda blocks=blocks: next(blocks)).to(self.dtype)
-            token = normalize_token(token) if self.request.use_norm else token
-            out.append(token.reshape(count, images, -1))
-        return torch.cat(out)
+        """Decoder output (rows, queries, hidden) -> the sampled tokens (count, images, D)."""
+        b, images, count = self.branches, self.images, buffers.count
+        picked = hidden.index_select(1, buffers.index)  # (rows, count, hidden)
+        picked = picked.reshape(b, images, count, -1).permute(0, 2, 1, 3).reshape(b * count * images, -1)
+        if self.model.config.use_gen_pos_embed:
+            picked = picked + self.model.gen_pos_embed[0].index_select(0, buffers.slots)
+        condition = self.model.image_out_projector(picked)
+        velocity = self.velocity(buffers.steps, count * images)
+        if buffers.scales is None:
+            velocity.start_token(condition, self.request.cfg, self.request.cfg_img)
+        else:
+            velocity.start_token(condition, buffers.scales[0], buffers.scales[1])
+        blocks = iter(buffers.noise.unbind(0))
+        token = self.sampler(buffers.steps)(velocity, lambda: next(blocks)).to(self.dtype)
+        token = normalize_token(token) if self.request.use_norm else token
+        return token.reshape(count, images, -1)
 
     def feed_and_sample(self, buffers: PassBuffers) -> torch.Tensor:
         """The captured part of a pass: feed the queries, sample from their hidden states."""
@@ -235,7 +220,7 @@ class ParallelDecoder:
         out = self.model.backbone(inputs_embeds=embed, attention_mask={"full_attention": buffers.mask},
                                   position_ids=buffers.positions, cache=self.cache, use_cache=True)
         hidden = out.last_hidden_state
-        if not buffers.groups:
+        if not buffers.count:
             return hidden[:0, 0].clone()
         return self.sample(hidden, buffers)
 
@@ -243,7 +228,7 @@ class ParallelDecoder:
         queries: tuple[Query, ...] = plan.queries
         sampling = [(i, q.sample) for i, q in enumerate(queries) if q.sample is not None]
         sampled = [s for _, s in sampling]
-        buffers = self.pass_buffers(len(queries), self.groups_of(tuple(sampled)))
+        buffers = self.pass_buffers(len(queries), self.pass_steps(sampled), len(sampled))
         zero = tokens.new_zeros(self.images, self.token_dim)
         buffers.tokens_in.copy_(torch.stack([zero if q.source is None else tokens[:, q.source] for q in queries]))
         slots = torch.tensor([q.slot for q in queries])
@@ -256,8 +241,7 @@ class ParallelDecoder:
         if self.graphs is None:
             new = self.feed_and_sample(buffers)
         else:
-            new = self.graphs((len(queries), tuple((g["steps"], g["count"]) for g in buffers.groups)),
-                              lambda: self.feed_and_sample(buffers))
+            new = self.graphs((len(queries), buffers.steps, buffers.count), lambda: self.feed_and_sample(buffers))
         self.filled = filled
         self.forward_passes += 1
         for j, slot in enumerate(sampled):
@@ -273,7 +257,7 @@ class ParallelDecoder:
         if given[0]:
             tokens[:, 0] = given.token(0)
         else:
-            buffers = PassBuffers(self, 1, ((self.steps_of(0), 1),))
+            buffers = PassBuffers(self, 1, self.steps_of(0), 1)
             self.fill_sampling(buffers, [0], [0], given)
             tokens[:, 0] = self.sample(hidden[:, None], buffers)[0]
         decided = torch.zeros(self.num_tokens, dtype=torch.bool)
