@@ -82,12 +82,14 @@ for line in Path("requirements.txt").read_text().splitlines():
         continue
     ok = req.specifier.contains(version.split("+")[0], prereleases=True)
     print(f"{req.name} {version}: {'ok' if ok else 'OUTSIDE'} {req.specifier}")
-import inspect
+from nextstep_core.engine.model import check_decoder_api
+from nextstep_core.errors import NextStepError
 
-from transformers import Qwen2Model
-
-takes = "cache" in inspect.signature(Qwen2Model.forward).parameters
-print(f"transformers decoders take cache=: {'yes' if takes else 'NO (the engine would run without its KV cache)'}")
+try:
+    check_decoder_api()  # the engine's own check, run when a model is built
+    print("transformers decoders take cache=: yes")
+except NextStepError as refused:
+    print(f"transformers decoders take cache=: NO: {refused}")
 for name in ("torchvision", "einops", "tabulate", "huggingface-hub", "regex", "packaging"):
     try:
         print(f"{name} {md.version(name)}")
