@@ -2,23 +2,16 @@
 only where the git mirror of the authors' code is on the machine; and its one-line refusal where
 it is not."""
 
-import importlib.util
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from authors_code import MIRROR, authors_transformers, have_mirror
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "authors_compare.py"
-MIRROR = Path("/work/.mirror/stepfun-ai+NextStep-1/repo")  # authors_compare.DEFAULT_REPO
-AUTHORS_IMPORT = "transformers.modeling_attn_mask_utils"  # their modeling_nextstep.py imports it
-authors_transformers = pytest.mark.skipif(
-    importlib.util.find_spec(AUTHORS_IMPORT) is None,
-    reason=f"this transformers has no {AUTHORS_IMPORT}, which the authors' code imports (5.24 lacks it; 5.17 and 5.25 "
-           "have it)")
 
 
 def run(*args, timeout=240):
@@ -45,8 +38,7 @@ def test_an_authors_code_folder_without_their_pipeline_is_refused_in_one_line(tm
         2, f"authors' code unavailable: no folder at {tmp_path / 'none'} (--authors-code)")
 
 
-@pytest.mark.skipif(not MIRROR.exists() or shutil.which("git") is None,
-                    reason=f"the authors' code (a git mirror of stepfun-ai/NextStep-1 at {MIRROR}) is not here")
+@have_mirror
 @authors_transformers
 def test_dry_run_times_both_and_compares_the_images(tmp_path):
     out = tmp_path / "compare.json"

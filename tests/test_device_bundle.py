@@ -3,7 +3,6 @@ authors_cpu part (benchmarks/gpu_check_authors.py) on its dry path with the auth
 bundle folder, its budget plan and skips; benchmarks/device_run.sh's one-line refusals."""
 
 import argparse
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -17,16 +16,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import authors_compare  # noqa: E402
 import gpu_check_authors  # noqa: E402
-
-MIRROR = Path(authors_compare.DEFAULT_REPO)
-AUTHORS_IMPORT = "transformers.modeling_attn_mask_utils"  # their modeling_nextstep.py imports it
-authors_transformers = pytest.mark.skipif(
-    importlib.util.find_spec(AUTHORS_IMPORT) is None,
-    reason=f"this transformers has no {AUTHORS_IMPORT}, which the authors' code imports (5.24 lacks it; 5.17 and 5.25 "
-           "have it)")
-have_mirror = pytest.mark.skipif(not MIRROR.exists() or shutil.which("git") is None,
-                                 reason=f"the authors' code (a git mirror of stepfun-ai/NextStep-1 at {MIRROR}) "
-                                        "is not here")
+from authors_code import MIRROR, authors_transformers, have_mirror  # noqa: E402
 
 
 def fake_code(folder: Path) -> Path:

@@ -1,7 +1,6 @@
 """benchmarks/gpu_check.py --dry-run: the GPU check script runs end to end on the CPU at tiny
 shapes and writes every key the device run will write, with sensible values."""
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -9,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from authors_code import AUTHORS_IMPORT, AUTHORS_IMPORT_MISSING, authors_import_missing
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ("bf16_sde28", "bf16_dpm2m8", "fp8_dpm2m8", "fp8_swap_dpm2m8")
@@ -90,8 +90,8 @@ def test_authors_cpu_part_runs_last_or_says_why_not(report):
         assert part == {"skipped": f"the authors' code is not in {code} (make it with scripts/device_bundle.sh and "
                                    "carry .device)"}
         return
-    if importlib.util.find_spec("transformers.modeling_attn_mask_utils") is None:  # e.g. transformers 5.24
-        assert "No module named 'transformers.modeling_attn_mask_utils'" in part["error"], part
-        pytest.skip("this transformers lacks transformers.modeling_attn_mask_utils, which the authors' code imports")
+    if authors_import_missing():  # e.g. transformers 5.24
+        assert f"No module named '{AUTHORS_IMPORT}'" in part["error"], part
+        pytest.skip(AUTHORS_IMPORT_MISSING)
     assert "error" not in part, part
     assert part["settings"]["dry_run"] is True and part["ratio_median"] > 0 and part["cpu"]["label"]
